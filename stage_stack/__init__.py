@@ -1,0 +1,3 @@
+"""stage-stack: build arrangements one stem at a time with STAGE experts."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Importers: upstream checkpoints -> stage-stack expert files."""

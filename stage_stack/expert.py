@@ -1,0 +1,403 @@
+"""The expert file, format version 1: one `.safetensors` file with its metadata inside.
+
+Tensors:
+    lm.*            the StageLM (stage_stack.models.stage_lm names)
+    codec.*         the codec (transformers EncodecModel names), only when the codec is embedded
+    text_encoder.*  the T5 encoder (transformers T5EncoderModel names), only when embedded
+
+`__metadata__` is string -> string; every value is JSON. `ExpertMetadata` is the one
+description of it. Codecs: small codecs (the demo experts' ~1 MB) are embedded; a large shared
+codec such as MusicGen's 59M-parameter EnCodec is *referenced* by id + filename + sha256 and
+resolved from a codec directory (see `resolve_codec_file`), so experts sharing it do not each
+carry it. The same holds for a T5 text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import CheckpointKeyError, DeviceError, ExpertFormatError, IntegrityError
+from .models.codec import Codec, CodecConfig
+from .models.stage_lm import StageLM, StageLMConfig
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class WeightsRef(BaseModel):
+    """Where weights that are not inside the expert file come from."""
+
+    model_config = ConfigDict(extra="forbid")
+    embedded: bool = False
+    id: str | None = None  # e.g. "facebook/encodec_32khz"
+    filename: str | None = None  # file name looked up in the codec / text-encoder directories
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "WeightsRef":
+        if not self.embedded and not (self.filename and self.sha256):
+            raise ValueError("a referenced weight file needs both 'filename' and 'sha256' (or set embedded: true)")
+        if self.sha256 is not None and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        return self
+
+
+class SpecialTokens(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pad: int
+    sep: int
+
+
+class ExpertMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    instrument: str = Field(min_length=1)
+    lm_config: dict[str, Any]
+    codec_config: dict[str, Any]
+    codec: WeightsRef
+    sample_rate: int
+    frame_rate: int
+    special_tokens: SpecialTokens
+    text_encoder: WeightsRef | None = None
+    text_encoder_id: str | None = None  # e.g. "t5-base" (tokenizer and config come from there)
+    base_model: str = "none"
+    license: str = "unknown"
+    description: str = ""
+    default_prompt: str = ""
+    training: dict[str, Any] = Field(default_factory=dict)
+    model_card: str = ""
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"unknown expert format version {v}; this stage-stack reads version {FORMAT_VERSION}. "
+                             "Upgrade stage-stack, or re-export the expert with this version")
+        return v
+
+    @field_validator("lm_config")
+    @classmethod
+    def _lm(cls, v: dict) -> dict:
+        StageLMConfig.from_dict(v)
+        return v
+
+    @field_validator("codec_config")
+    @classmethod
+    def _codec(cls, v: dict) -> dict:
+        CodecConfig.from_dict(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExpertMetadata":
+        lm, codec = self.lm_cfg, self.codec_cfg
+        checks = [
+            ("special_tokens.pad", self.special_tokens.pad, lm.pad_token),
+            ("special_tokens.sep", self.special_tokens.sep, lm.sep_token),
+            ("sample_rate", self.sample_rate, codec.sample_rate),
+            ("frame_rate", self.frame_rate, codec.frame_rate),
+            ("lm_config.n_q", lm.n_q, codec.n_q),
+            ("lm_config.card", lm.card, codec.card),
+        ]
+        for name, got, want in checks:
+            if got != want:
+                raise ValueError(f"{name} is {got} but the LM/codec configs imply {want}")
+        if self.text_encoder is not None and not lm.cross_attention:
+            raise ValueError("text_encoder is set but lm_config.cross_attention is false")
+        return self
+
+    @property
+    def lm_cfg(self) -> StageLMConfig:
+        return StageLMConfig.from_dict(self.lm_config)
+
+    @property
+    def codec_cfg(self) -> CodecConfig:
+        return CodecConfig.from_dict(self.codec_config)
+
+    # -- (de)serialisation to safetensors' string -> string header -----------------------------
+    def to_header(self) -> dict[str, str]:
+        return {k: json.dumps(v) for k, v in self.model_dump(mode="json").items()}
+
+    @classmethod
+    def from_header(cls, header: dict[str, str] | None, source: str) -> "ExpertMetadata":
+        if not header or "format_version" not in header:
+            raise ExpertFormatError(f"{source}: no stage-stack metadata in the safetensors header "
+                                    "(field 'format_version' is missing). Is this an expert file? "
+                                    "Convert checkpoints with `stage-stack convert`.")
+        try:
+            data = {k: json.loads(v) for k, v in header.items()}
+        except json.JSONDecodeError as e:
+            raise ExpertFormatError(f"{source}: metadata value is not JSON ({e})") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ExpertFormatError(f"{source}: invalid expert metadata:\n{_format_validation(e)}") from None
+
+
+def _format_validation(e: ValidationError) -> str:
+    return "\n".join(f"  field '{'.'.join(str(p) for p in err['loc']) or '<root>'}': {err['msg']}" for err in e.errors())
+
+
+# -- files ------------------------------------------------------------------------------------
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int]]]]:
+    """(metadata, {key: (dtype, shape)}) without loading tensors; clear error on a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExpertFormatError(f"{path}: no such file")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file (truncated?)")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        entries = {k: (v["dtype"], v["shape"]) for k, v in header.items()}
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"tensor data ends at byte {8 + n + end} but the file has {size} bytes (truncated)")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ExpertFormatError(f"{path}: not a valid safetensors file ({e}). "
+                                "Re-download or re-export it.") from None
+    return meta, entries
+
+
+def read_metadata(path: str | os.PathLike) -> ExpertMetadata:
+    meta, _ = read_header(path)
+    return ExpertMetadata.from_header(meta, str(path))
+
+
+def save_expert(
+    path: str | os.PathLike,
+    metadata: ExpertMetadata,
+    lm: StageLM,
+    codec: Codec | None = None,
+    text_encoder: torch.nn.Module | None = None,
+) -> Path:
+    """Write an expert file atomically. `codec` is required when metadata.codec.embedded."""
+    tensors = {f"lm.{k}": v for k, v in lm.state_dict().items()}
+    if metadata.codec.embedded:
+        if codec is None:
+            raise ValueError("metadata.codec.embedded is true: pass the codec to save_expert")
+        tensors.update({f"codec.{k}": v for k, v in codec.model.state_dict().items()})
+    if metadata.text_encoder is not None and metadata.text_encoder.embedded:
+        if text_encoder is None:
+            raise ValueError("metadata.text_encoder.embedded is true: pass the text encoder to save_expert")
+        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    if StageLMConfig.from_dict(metadata.lm_config) != lm.config:
+        raise ValueError("metadata.lm_config does not describe the LM being saved")
+    return atomic_save_safetensors(tensors, path, metadata.to_header())
+
+
+def save_codec(path: str | os.PathLike, codec: Codec, id: str = "") -> Path:
+    """A standalone codec file that experts can reference by filename + sha256."""
+    meta = {"kind": json.dumps("codec"), "id": json.dumps(id), "codec_config": json.dumps(codec.config.to_dict())}
+    return atomic_save_safetensors(codec.model.state_dict(), path, meta)
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise DeviceError(f"dtype {dtype} is not supported; use one of float32, bfloat16, float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise DeviceError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"device {device!r} is not a valid torch device ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {device!r} requested but MPS is not available; use device='cpu'")
+    elif dev.type != "cpu":
+        raise DeviceError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return dev
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def _check_keys(source: str, entries: dict, prefix: str, expected: dict[str, torch.Size]) -> None:
+    present = {k[len(prefix):]: shape for k, (_, shape) in entries.items() if k.startswith(prefix)}
+    missing = sorted(prefix + k for k in expected if k not in present)
+    unexpected = sorted(prefix + k for k in present if k not in expected)
+    mis_shaped = [(prefix + k, present[k], tuple(s)) for k, s in expected.items()
+                  if k in present and tuple(present[k]) != tuple(s)]
+    if missing or unexpected or mis_shaped:
+        raise CheckpointKeyError(source, missing, unexpected, mis_shaped)
+
+
+def _fill(module: torch.nn.Module, path: Path, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Fill a meta-device module from the file, tensor by tensor (accelerate's loader)."""
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in module.state_dict():
+            value = f.get_tensor(prefix + name)
+            target_dtype = dtype if value.is_floating_point() else None
+            set_module_tensor_to_device(module, name, device, value=value, dtype=target_dtype)
+    module.to(device)  # non-persistent buffers (not in the file) follow the weights
+
+
+def build_empty(factory):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return factory()
+
+
+def codec_search_dirs(extra: list[str | os.PathLike] = ()) -> list[Path]:
+    from .paths import codec_dir
+
+    return [Path(p) for p in extra] + [codec_dir()]
+
+
+def resolve_codec_file(ref: WeightsRef, expert_path: Path, search: list[str | os.PathLike] = ()) -> Path:
+    """Find a referenced codec file beside the expert or in the codec directories; verify sha256."""
+    dirs = [expert_path.parent] + codec_search_dirs(search)
+    for d in dirs:
+        for name in (ref.filename, f"{ref.sha256}.safetensors"):
+            candidate = d / name
+            if candidate.is_file():
+                digest = sha256_file(candidate)
+                if digest != ref.sha256:
+                    raise IntegrityError(f"{candidate}: sha256 is {digest}, but {expert_path.name} expects "
+                                         f"{ref.sha256} for codec {ref.id or ref.filename}. Replace the file.")
+                return candidate
+    where = ", ".join(str(d) for d in dirs)
+    raise ExpertFormatError(f"{expert_path}: its codec {ref.id or ''} ({ref.filename}, sha256 {ref.sha256[:12]}…) "
+                            f"was not found in: {where}. Install it with "
+                            f"`stage-stack install-codec PATH/{ref.filename}`.")
+
+
+@dataclass
+class Expert:
+    """A loaded expert: its metadata, LM, codec and (optional) text conditioner."""
+
+    metadata: ExpertMetadata
+    lm: StageLM
+    codec: Codec
+    path: Path
+    sha256: str | None = None
+    text: Any = None  # stage_stack.models.text.TextConditioner when the expert uses text
+
+    @property
+    def instrument(self) -> str:
+        return self.metadata.instrument
+
+    @property
+    def sample_rate(self) -> int:
+        return self.metadata.sample_rate
+
+    @property
+    def frame_rate(self) -> int:
+        return self.metadata.frame_rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.final_norm.weight.device
+
+
+def load_expert(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    sha256: str | None = None,
+    codec_dirs: list[str | os.PathLike] = (),
+    load_text: bool = True,
+) -> Expert:
+    """Load an expert: LM in `dtype` on `device`; codec (always float32) on the same device.
+
+    The modules are built on the meta device and filled from the file, so loading needs one
+    copy of the weights in memory, not two.
+    """
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    digest = None
+    if sha256 is not None:
+        digest = sha256_file(path) if path.is_file() else None
+        if digest != sha256:
+            raise IntegrityError(f"{path}: sha256 is {digest}, expected {sha256}. The file is corrupt or a "
+                                 "different version; reinstall it with `stage-stack install`.")
+    header, entries = read_header(path)
+    metadata = ExpertMetadata.from_header(header, str(path))
+    known_prefixes = ("lm.", "codec.", "text_encoder.")
+    stray = sorted(k for k in entries if not k.startswith(known_prefixes))
+    if stray:
+        raise CheckpointKeyError(str(path), unexpected=stray)
+
+    lm = build_empty(lambda: StageLM(metadata.lm_cfg))
+    _check_keys(str(path), entries, "lm.", {k: v.shape for k, v in lm.state_dict().items()})
+    _fill(lm, path, "lm.", device, dtype)
+    lm.eval()
+
+    codec_cfg = metadata.codec_cfg
+    codec = build_empty(lambda: Codec(codec_cfg))
+    expected = {k: v.shape for k, v in codec.model.state_dict().items()}
+    if metadata.codec.embedded:
+        _check_keys(str(path), entries, "codec.", expected)
+        _fill(codec.model, path, "codec.", device, torch.float32)
+    else:
+        codec_path = resolve_codec_file(metadata.codec, path, codec_dirs)
+        _, codec_entries = read_header(codec_path)
+        _check_keys(str(codec_path), codec_entries, "", expected)
+        _fill(codec.model, codec_path, "", device, torch.float32)
+    codec.eval()
+
+    text = None
+    if load_text and metadata.text_encoder is not None:
+        from .models.text import load_text_conditioner
+
+        text = load_text_conditioner(metadata, path, device)
+    return Expert(metadata, lm, codec, path, digest, text)

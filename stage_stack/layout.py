@@ -1,0 +1,173 @@
+"""The STAGE token layout: [context | SEP | target] with MusicGen's delay pattern.
+
+This module is the single owner of the layout (reference §3); training and generation both
+build their sequences here.
+
+    frames  [B, K, N]  N = C + 1 + T   (context, one SEP column, target)
+    seq[q, s] = frames[q, s - q - 1]   when 0 <= s - q - 1 < N, else PAD
+                                       (delays 0..K-1 plus one leading empty step)
+
+Training keeps the first N + 1 steps; generation keeps all N + K. A slot is *valid* when it
+holds a real frame that is not PAD inside the context region, so left padding and dropped
+contexts are masked out. `attention_mask` (any codebook valid) is both the key-padding mask
+and the origin of the per-sample positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+UNFILLED = -1  # a generation slot still to be sampled
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    codes: torch.Tensor  # [B, K, S] interleaved tokens fed to the LM
+    final_mask: torch.Tensor  # [B, K, S] per-token validity
+    attention_mask: torch.Tensor  # [B, S]
+    targets: torch.Tensor  # [B, K, T] target frames
+    context_len: int  # C (after left padding)
+
+
+@dataclass(frozen=True)
+class GenerationBatch:
+    codes: torch.Tensor  # [R, K, S]; rows [0, B) conditional, [B, 2B) unconditional when cfg
+    final_mask: torch.Tensor  # [R, K, S]
+    attention_mask: torch.Tensor  # [R, S]
+    start_offset: int  # first step that holds a generated frame
+    context_len: int  # C
+    prompt_len: int  # frames of the target already given (continuation)
+    n_frames: int  # frames to generate, prompt included
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    n_q: int
+    pad: int
+    sep: int
+
+    @classmethod
+    def for_card(cls, card: int, n_q: int) -> "TokenLayout":
+        return cls(n_q=n_q, pad=card, sep=card + 1)
+
+    # -- building blocks ----------------------------------------------------------------------
+    def left_pad(self, contexts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """A list of [K, C_i] code tensors -> [B, K, max C_i], left-padded with PAD."""
+        if isinstance(contexts, torch.Tensor):
+            return contexts
+        longest = max(c.shape[-1] for c in contexts)
+        return torch.stack([F.pad(c, (longest - c.shape[-1], 0), value=self.pad) for c in contexts])
+
+    def interleave(self, frames: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Apply the delay pattern: [B, K, N] frames -> [B, K, steps] (default N + K)."""
+        B, K, N = frames.shape
+        steps = N + K if steps is None else steps
+        seq = frames.new_full((B, K, N + K), self.pad)
+        for q in range(K):
+            seq[:, q, q + 1 : q + 1 + N] = frames[:, q]
+        return seq[..., :steps]
+
+    def deinterleave(self, seq: torch.Tensor, n_frames: int) -> torch.Tensor:
+        """Undo the delay pattern: frame t of codebook q = seq[q, t + q + 1] -> [B, K, n_frames]."""
+        return torch.stack([seq[:, q, q + 1 : q + 1 + n_frames] for q in range(seq.shape[1])], dim=1)
+
+    def masks(self, seq: torch.Tensor, n_frames: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """final_mask [B, K, S] and attention_mask [B, S] for an interleaved sequence."""
+        B, K, S = seq.shape
+        steps = torch.arange(S, device=seq.device)[None, :]
+        q = torch.arange(K, device=seq.device)[:, None]
+        frame = steps - q - 1
+        pattern_valid = (frame >= 0) & (frame < n_frames)  # [K, S]
+        in_context = frame < context_len
+        final_mask = pattern_valid[None] & ~(in_context[None] & (seq == self.pad))
+        return final_mask, final_mask.any(dim=1)
+
+    def frames(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[context | SEP | target] along time."""
+        B, K, _ = context.shape
+        sep = context.new_full((B, K, 1), self.sep)
+        return torch.cat([context, sep, target], dim=-1)
+
+    # -- training -----------------------------------------------------------------------------
+    def training_batch(
+        self,
+        context: list[torch.Tensor] | torch.Tensor,
+        target: torch.Tensor,
+        drop_context: torch.Tensor | None = None,
+    ) -> TrainingBatch:
+        """Sequence, masks and targets for teacher forcing; `drop_context` [B] bool -> PAD context."""
+        context = self.left_pad(context).clone()
+        if drop_context is not None:
+            context[drop_context.to(torch.bool)] = self.pad
+        frames = self.frames(context, target)
+        N = frames.shape[-1]
+        seq = self.interleave(frames, steps=N + 1)
+        final_mask, attention_mask = self.masks(seq, N, context.shape[-1])
+        return TrainingBatch(seq, final_mask, attention_mask, target, context.shape[-1])
+
+    def target_logits(self, logits: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits aligned with the target frames [B, K, T, card] and which of them are scored.
+
+        The logit at step s predicts step s + 1, so target frame j of codebook q (stored at
+        step C + 2 + j + q) is predicted at step C + 1 + j + q; it is scored only when that
+        stored step is inside the truncated sequence (codebook q loses its last q frames).
+        """
+        B, K, S, card = logits.shape
+        T = batch.targets.shape[-1]
+        C = batch.context_len
+        aligned = logits.new_zeros(B, K, T, card)
+        scored = torch.zeros(B, K, T, dtype=torch.bool, device=logits.device)
+        for q in range(K):
+            n = min(T, S - (C + 2 + q))
+            if n <= 0:
+                continue
+            aligned[:, q, :n] = logits[:, q, C + 1 + q : C + 1 + q + n]
+            scored[:, q, :n] = batch.final_mask[:, q, C + 2 + q : C + 2 + q + n]
+        return aligned, scored
+
+    def loss(self, logits: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+        """Cross-entropy per codebook over scored target frames, then the mean over codebooks."""
+        aligned, scored = self.target_logits(logits, batch)
+        per_codebook = []
+        for q in range(aligned.shape[1]):
+            mask = scored[:, q]
+            per_codebook.append(F.cross_entropy(aligned[:, q][mask].float(), batch.targets[:, q][mask]))
+        return torch.stack(per_codebook).mean()
+
+    # -- generation ---------------------------------------------------------------------------
+    def generation_batch(
+        self,
+        context: list[torch.Tensor] | torch.Tensor,
+        n_frames: int,
+        prompt: torch.Tensor | None = None,
+        cfg: bool = True,
+    ) -> GenerationBatch:
+        """The untruncated layout with UNFILLED slots, doubled with PAD contexts for CFG.
+
+        `prompt` [B, K, P] are target frames already known (the stem's own previous tokens
+        when continuing a long piece); they count toward `n_frames`.
+        """
+        context = self.left_pad(context)
+        B, K, C = context.shape
+        P = 0 if prompt is None else prompt.shape[-1]
+        if P > n_frames:
+            raise ValueError(f"prompt has {P} frames but only {n_frames} frames are requested")
+        target = context.new_full((B, K, n_frames), UNFILLED)
+        if prompt is not None:
+            target[..., :P] = prompt
+        if cfg:
+            context = torch.cat([context, torch.full_like(context, self.pad)])
+            target = torch.cat([target, target])
+        frames = self.frames(context, target)
+        N = frames.shape[-1]
+        seq = self.interleave(frames)
+        final_mask, attention_mask = self.masks(seq, N, C)
+        return GenerationBatch(seq, final_mask, attention_mask, C + 2 + P, C, P, n_frames)
+
+    def generated_frames(self, seq: torch.Tensor, batch: GenerationBatch) -> torch.Tensor:
+        """De-interleave and strip context and SEP: [B, K, n_frames] (conditional rows)."""
+        frames = self.deinterleave(seq, batch.context_len + 1 + batch.n_frames)
+        return frames[..., batch.context_len + 1 :]

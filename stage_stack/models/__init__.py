@@ -1,0 +1,1 @@
+"""Model modules: one per model, each with an explicit config dataclass."""
