@@ -31,3 +31,23 @@ class IntegrityError(StageStackError):
 
 class DeviceError(StageStackError):
     """A requested device or dtype is not available."""
+
+
+class RegistryConfigError(StageStackError):
+    """A registry config file (registry.yaml or a user file) is unreadable or invalid."""
+
+
+class UnknownInstrumentError(StageStackError):
+    """An instrument name that no plugin or registry config defines (or that is disabled)."""
+
+
+class InstrumentConflictError(StageStackError):
+    """Two plugins register the same instrument and no registry config says which one wins."""
+
+
+class ExpertNotInstalledError(StageStackError):
+    """No local file for an instrument's expert; the message says the command that gets it."""
+
+
+class IncompatibleExpertError(StageStackError):
+    """An expert is for another instrument, or uses a codec the other experts of a chain do not."""

@@ -136,10 +136,10 @@ def generate(
             steps_logits.append(guided)
         tokens = sample_next(guided.reshape(-1, guided.shape[-1]), params, generator).view(rows, -1)
         tokens = torch.where(batch.final_mask[:rows, :, offset], tokens, layout.pad)
-        column = seq[:rows, :, offset]
-        seq[:rows, :, offset] = torch.where(column == UNFILLED, tokens, column)
-        if cfg:
-            seq[rows:, :, offset] = seq[:rows, :, offset]
+        if cfg:  # same tokens in both halves; each half keeps its own context/SEP slots
+            tokens = torch.cat([tokens, tokens])
+        column = seq[:, :, offset]
+        seq[:, :, offset] = torch.where(column == UNFILLED, tokens, column)
         if callback is not None:
             callback(i + 1, total)
 

@@ -104,8 +104,42 @@ class CodecConfig:
         )
 
 
+DEFAULT_CHUNK_SECONDS = 20.0
+# Context decoded/encoded on each side of a chunk and then thrown away. The convolutions see only a
+# few frames around each frame, but the LSTM carries state from the past, so the margin is sized
+# for the LSTM to forget the window's artificial (reflect-padded) start: 2 s = 100 frames at 50 Hz.
+DEFAULT_MARGIN_SECONDS = 2.0
+
+
+def _chunking(chunk: float, margin: float) -> tuple[float, int]:
+    """Validated chunk and margin in frames; the chunk stays math.inf when a single pass is forced."""
+    if not chunk > 0 or not margin >= 0:
+        raise ValueError(f"chunk must be > 0 frames and margin >= 0 frames, got chunk {chunk} and margin {margin}")
+    return (chunk if math.isinf(chunk) else max(1, round(chunk))), round(margin)
+
+
+def _windows(n_frames: int, chunk: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """(window_start, window_end, keep_start, keep_end) in frames. The kept parts tile [0, n_frames)
+    in equal-as-possible pieces of at most `chunk` frames (no tiny last piece); each window adds up
+    to `margin` frames of context on both sides."""
+    n_chunks = math.ceil(n_frames / chunk)
+    bounds = [round(i * n_frames / n_chunks) for i in range(n_chunks + 1)]
+    return [(max(0, lo - margin), min(n_frames, hi + margin), lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
 class Codec(nn.Module):
-    """Audio [B, 1, samples] <-> codes [B, n_q, frames]. Weights live under `model.`."""
+    """Audio [B, channels, samples] <-> codes [B, n_q, frames]. Weights live under `model.`.
+
+    Long inputs are processed in windows of `chunk + 2 * margin` frames so that memory stays bounded
+    (a full pass over 60 s of 32 kHz audio holds several GB of activations). Each window keeps only
+    its centre; decoded windows are crossfaded over half a margin around each boundary. Inputs that
+    fit in one window take a single exact pass. Pass `chunk_seconds=math.inf` /
+    `chunk_frames=math.inf` to force a single pass.
+
+    Frames: `ceil(samples / hop_length)`; a trailing partial frame is padded, so audio shorter than
+    one frame (but not empty) gives one frame, and empty audio gives zero frames (and decodes to
+    empty audio).
+    """
 
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()
@@ -115,17 +149,69 @@ class Codec(nn.Module):
         self.model = EncodecModel(config.to_hf())
 
     @torch.no_grad()
-    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+    def encode(self, audio: torch.Tensor, chunk_seconds: float | None = None,
+               margin_seconds: float = DEFAULT_MARGIN_SECONDS) -> torch.Tensor:
         if audio.dim() != 3 or audio.shape[1] != self.config.channels:
             raise ValueError(f"Codec.encode expects audio [B, {self.config.channels}, samples], got {tuple(audio.shape)}")
+        rate = self.config.frame_rate
+        chunk, margin = _chunking(rate * (DEFAULT_CHUNK_SECONDS if chunk_seconds is None else chunk_seconds),
+                                  rate * margin_seconds)
+        hop = self.config.hop_length
         audio = audio.to(self.model.encoder.layers[0].conv.bias.dtype)
-        out = self.model.encode(audio, bandwidth=self.config.bandwidth, return_dict=True)
-        return out.audio_codes[0]  # [B, n_q, frames] (transformers adds a chunk axis)
+        n_frames = math.ceil(audio.shape[-1] / hop)
+        if n_frames == 0:
+            return torch.zeros(audio.shape[0], self.config.n_q, 0, dtype=torch.long, device=audio.device)
+        if n_frames <= chunk + 2 * margin:
+            return self._encode_window(audio)
+        pieces = []
+        for start, end, keep_start, keep_end in _windows(n_frames, int(chunk), margin):
+            # Windows start on a frame boundary, so window frame j is global frame start + j.
+            codes = self._encode_window(audio[..., start * hop:end * hop])
+            pieces.append(codes[..., keep_start - start:keep_end - start])
+        return torch.cat(pieces, dim=-1)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        out = self.model.decode(codes[None], [None], return_dict=True)
-        return out.audio_values.float()
+    def decode(self, codes: torch.Tensor, chunk_frames: float | None = None,
+               margin_frames: float | None = None) -> torch.Tensor:
+        if codes.dim() != 3 or codes.shape[1] != self.config.n_q:
+            raise ValueError(f"Codec.decode expects codes [B, {self.config.n_q}, frames], got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.card):
+            raise ValueError(f"Codec.decode: codes must lie in [0, {self.config.card}), got values in "
+                             f"[{int(codes.min())}, {int(codes.max())}]; strip special tokens (PAD/SEP) first")
+        rate = self.config.frame_rate
+        chunk, margin = _chunking(rate * DEFAULT_CHUNK_SECONDS if chunk_frames is None else chunk_frames,
+                                  rate * DEFAULT_MARGIN_SECONDS if margin_frames is None else margin_frames)
+        batch, _, n_frames = codes.shape
+        hop = self.config.hop_length
+        if n_frames == 0:
+            return torch.zeros(batch, self.config.channels, 0, device=codes.device)
+        if n_frames <= chunk + 2 * margin:
+            return self._decode_window(codes)
+        windows = _windows(n_frames, int(chunk), margin)
+        # Neighbouring windows are blended linearly over `fade` samples centred on their boundary,
+        # half a margin wide: far enough from either window's edge to be accurate in both.
+        fade = min(margin // 2, min(hi - lo for _, _, lo, hi in windows)) * hop
+        ramp = (torch.arange(fade, device=codes.device) + 0.5) / fade  # fade-in; 1 - ramp fades out
+        audio = torch.zeros(batch, self.config.channels, n_frames * hop, device=codes.device)
+        for start, end, keep_start, keep_end in windows:
+            window = self._decode_window(codes[..., start:end])
+            first, last = keep_start == 0, keep_end == n_frames
+            lo = keep_start * hop - (0 if first else fade // 2)
+            hi = keep_end * hop + (0 if last else fade - fade // 2)
+            weight = torch.ones(hi - lo, device=codes.device)
+            if not first:
+                weight[:fade] = ramp
+            if not last:
+                weight[hi - lo - fade:] = 1 - ramp
+            audio[..., lo:hi] += weight * window[..., lo - start * hop:hi - start * hop]
+        return audio
+
+    def _encode_window(self, audio: torch.Tensor) -> torch.Tensor:
+        codes = self.model.quantizer.encode(self.model.encoder(audio), self.config.bandwidth)
+        return codes.transpose(0, 1)  # [n_q, B, frames] -> [B, n_q, frames]
+
+    def _decode_window(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(self.model.quantizer.decode(codes.transpose(0, 1))).float()
 
     def latent(self, audio: torch.Tensor) -> torch.Tensor:
         """Encoder output before quantisation [B, dimension, frames]."""
