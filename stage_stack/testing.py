@@ -30,16 +30,16 @@ def tiny_lm(config: StageLMConfig = TINY_LM, seed: int = 0) -> StageLM:
     return init_weights(StageLM(config), seed=seed).eval()
 
 
-def expert_metadata(instrument: str, lm: StageLMConfig, codec: CodecConfig, **extra) -> ExpertMetadata:
+def expert_metadata(instrument: str, lm_config: StageLMConfig, codec_config: CodecConfig, **extra) -> ExpertMetadata:
     fields = dict(
         format_version=FORMAT_VERSION,
         instrument=instrument,
-        lm_config=lm.to_dict(),
-        codec_config=codec.to_dict(),
+        lm_config=lm_config.to_dict(),
+        codec_config=codec_config.to_dict(),
         codec=WeightsRef(embedded=True),
-        sample_rate=codec.sample_rate,
-        frame_rate=codec.frame_rate,
-        special_tokens=SpecialTokens(pad=lm.pad_token, sep=lm.sep_token),
+        sample_rate=codec_config.sample_rate,
+        frame_rate=codec_config.frame_rate,
+        special_tokens=SpecialTokens(pad=lm_config.pad_token, sep=lm_config.sep_token),
         base_model="random-init",
         license="MIT",
         training={"note": "random weights for tests"},
