@@ -177,42 +177,54 @@ def convert_stage_checkpoint(
 
     n_codec = sum(v.numel() for v in codec_state.values())
     embed = embed_codec if embed_codec is not None else n_codec < 5_000_000
-    codec_ref = WeightsRef(embedded=True)
-    if not embed:
-        tmp = save_codec(out.parent / f".{out.stem}.codec.tmp.safetensors", codec, id="facebook/encodec_32khz")
-        digest = sha256_file(tmp)
-        final = tmp.with_name(f"encodec_32khz-{digest[:12]}.safetensors")
-        os.replace(tmp, final)
-        codec_ref = WeightsRef(embedded=False, id="facebook/encodec_32khz", filename=final.name, sha256=digest)
+    written: list[Path] = []  # side files, removed again if anything later fails
+    try:
+        codec_ref = WeightsRef(embedded=True)
+        if not embed:
+            path, digest = _side_file(lambda tmp: save_codec(tmp, codec, id="facebook/encodec_32khz"), out, "encodec_32khz")
+            written.append(path)
+            codec_ref = WeightsRef(embedded=False, id="facebook/encodec_32khz", filename=path.name, sha256=digest)
 
-    text_ref, text_id = None, None
-    t5 = {k[len(T5):]: v for k, v in tensors.items() if k.startswith(T5)}
-    if t5 and config.cross_attention:
-        t5_path = atomic_save_safetensors(t5, out.parent / f".{out.stem}.t5.tmp.safetensors", {"kind": '"text_encoder"'})
-        digest = sha256_file(t5_path)
-        final = t5_path.with_name(f"t5-base-encoder-{digest[:12]}.safetensors")
-        os.replace(t5_path, final)
-        text_ref, text_id = WeightsRef(embedded=False, id="t5-base", filename=final.name, sha256=digest), "t5-base"
+        text_ref, text_id = None, None
+        t5 = {k[len(T5):]: v for k, v in tensors.items() if k.startswith(T5)}
+        if t5 and config.cross_attention:
+            path, digest = _side_file(lambda tmp: atomic_save_safetensors(t5, tmp, {"kind": '"text_encoder"'}),
+                                      out, "t5-base-encoder")
+            written.append(path)
+            text_ref, text_id = WeightsRef(embedded=False, id="t5-base", filename=path.name, sha256=digest), "t5-base"
 
-    metadata = ExpertMetadata(
-        format_version=FORMAT_VERSION,
-        instrument=instrument,
-        lm_config=config.to_dict(),
-        codec_config=codec_config.to_dict(),
-        codec=codec_ref,
-        sample_rate=codec_config.sample_rate,
-        frame_rate=codec_config.frame_rate,
-        special_tokens=SpecialTokens(pad=config.pad_token, sep=config.sep_token),
-        text_encoder=text_ref,
-        text_encoder_id=text_id,
-        base_model=base_model,
-        license=license,
-        description=description,
-        default_prompt=default_prompt,
-        training={"source_format": "stage-lightning", "converted_from": src.name,
-                  "max_context_seconds": 10.0, "max_target_seconds": 10.0},
-    )
-    return save_expert(out, metadata, lm, codec if embed else None)
+        metadata = ExpertMetadata(
+            format_version=FORMAT_VERSION,
+            instrument=instrument,
+            lm_config=config.to_dict(),
+            codec_config=codec_config.to_dict(),
+            codec=codec_ref,
+            sample_rate=codec_config.sample_rate,
+            frame_rate=codec_config.frame_rate,
+            special_tokens=SpecialTokens(pad=config.pad_token, sep=config.sep_token),
+            text_encoder=text_ref,
+            text_encoder_id=text_id,
+            base_model=base_model,
+            license=license,
+            description=description,
+            default_prompt=default_prompt,
+            training={"source_format": "stage-lightning", "converted_from": src.name,
+                      "max_context_seconds": 10.0, "max_target_seconds": 10.0},
+        )
+        return save_expert(out, metadata, lm, codec if embed else None)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _side_file(write, out: Path, name: str) -> tuple[Path, str]:
+    """Write a shared weight file beside `out`, named by its content hash: (path, sha256)."""
+    tmp = write(out.parent / f".{out.stem}.{name}.tmp.safetensors")
+    digest = sha256_file(tmp)
+    final = tmp.with_name(f"{name}-{digest[:12]}.safetensors")
+    os.replace(tmp, final)
+    return final, digest
 
 
 def check_stage_key_list(entries: list[dict], head_dim: int = STAGE_HEAD_DIM) -> StageLMConfig:
