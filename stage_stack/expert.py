@@ -170,11 +170,30 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _canonical_header(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the JSON header with sorted keys, in place and at the same length.
+
+    safetensors writes its header from a hash map, so the same weights can give different
+    bytes; a stable header makes the sha256 of a shared codec depend on its content only.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= n:
+            f.seek(8)
+            f.write(canonical + b" " * (n - len(canonical)))
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int]]]]:

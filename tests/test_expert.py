@@ -175,3 +175,11 @@ def test_metadata_rejects_inconsistent_tokens():
     meta["special_tokens"]["sep"] = 3
     with pytest.raises(ValueError, match="special_tokens.sep"):
         ExpertMetadata.model_validate(meta)
+
+
+def test_same_weights_give_the_same_sha256(tmp_path):
+    """Shared codec files are identified by hash, so identical content must hash identically."""
+    a = save_codec(tmp_path / "a.safetensors", tiny_codec(seed=4), id="tiny")
+    b = save_codec(tmp_path / "b.safetensors", tiny_codec(seed=4), id="tiny")
+    c = save_codec(tmp_path / "c.safetensors", tiny_codec(seed=5), id="tiny")
+    assert sha256_file(a) == sha256_file(b) != sha256_file(c)
