@@ -1,0 +1,8 @@
+"""Training data and training.
+
+- `synth`: the synthetic band (numpy, deterministic by seed) that writes MoisesDB-style songs;
+- `data`: song folders, `SongMetadata`, and `StemDataset`, STAGE pairs at audio level
+  (reference §5);
+- `token_cache`: `pretokenize` (codes on disk, augmented variants) and `TokenPairDataset`,
+  the same pairs as codes, so that training is not bound by the codec.
+"""
