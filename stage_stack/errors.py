@@ -51,3 +51,15 @@ class ExpertNotInstalledError(StageStackError):
 
 class IncompatibleExpertError(StageStackError):
     """An expert is for another instrument, or uses a codec the other experts of a chain do not."""
+
+
+class InputError(StageStackError):
+    """User input (audio, tempo, duration, layers, output directory) that cannot be used as given."""
+
+
+class ArrangementError(StageStackError):
+    """An arrangement directory or manifest is inconsistent, or an operation names a layer it lacks."""
+
+
+class TrainingConfigError(StageStackError):
+    """A training config (YAML) is unreadable or invalid, or does not match the run it resumes."""

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from ..plugins import PluginCommandGroup
 
-@click.group()
+
+@click.group(cls=PluginCommandGroup)
 @click.version_option(package_name="stage-stack")
-def cli() -> None:
+@click.option("--plugins-dir", "plugins_dirs", multiple=True, is_eager=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Load plugin files (*.py) from this directory (repeatable; default: $STAGE_STACK_PLUGINS_DIR).")
+@click.option("--registry", "registry_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Your registry config, layered over the package default (default: $STAGE_STACK_REGISTRY).")
+def cli(plugins_dirs: tuple[Path, ...], registry_file: Path | None) -> None:
     """Build arrangements one stem at a time with STAGE experts."""
+    # Commands read these back from the root context (stage_stack.cli.registry.registry_from_context).
 
 
 def main() -> None:
     from . import convert  # noqa: F401  (registers commands on `cli`)
+    from . import registry  # noqa: F401
+    from . import arrange  # noqa: F401
+    from . import train  # noqa: F401
 
     cli()
