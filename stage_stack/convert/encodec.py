@@ -76,7 +76,8 @@ def _indices(sd: dict, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for key in sd if (m := regex.match(key))})
 
 
-def infer_codec_config(state_dict: dict[str, torch.Tensor], *, sample_rate: int, **overrides) -> CodecConfig:
+def infer_codec_config(state_dict: dict[str, torch.Tensor], *, sample_rate: int,
+                       source: str = "EnCodec state dict", **overrides) -> CodecConfig:
     """Read a `CodecConfig` off the tensor shapes of an EnCodec state dict (any naming above).
 
     Inferred: channels, n_filters, kernel_size, dimension, last_kernel_size, ratios (each downsampling
@@ -89,12 +90,14 @@ def infer_codec_config(state_dict: dict[str, torch.Tensor], *, sample_rate: int,
     convs = _indices(sd, r"encoder\.layers\.(\d+)\.conv\.parametrizations\.weight\.original1$")
     blocks = _indices(sd, r"encoder\.layers\.(\d+)\.block\.")
     codebooks = _indices(sd, r"quantizer\.layers\.(\d+)\.codebook\.embed$")
-    if len(convs) < 3 or not blocks or not codebooks:
-        raise CheckpointKeyError(
-            "EnCodec state dict (config inference)",
-            missing=[name for name, found in [("encoder.model.N.conv.conv.weight_v (input, downsampling and output convs)", len(convs) >= 3),
-                                              ("encoder.model.N.block.M.conv.conv.weight_v (residual blocks)", bool(blocks)),
-                                              ("quantizer.vq.layers.i._codebook.embed", bool(codebooks))] if not found])
+    found = {
+        "encoder.model.N.conv.conv.weight_v (input, downsampling and output convs)": len(convs) >= 3,
+        "encoder.model.N.block.M.conv.conv.weight_v (residual blocks)": bool(blocks),
+        "quantizer.vq.layers.i._codebook.embed": bool(codebooks),
+    }
+    if not all(found.values()):
+        raise CheckpointKeyError(f"{source} (inferring the codec config)",
+                                 missing=[name for name, ok in found.items() if not ok])
     first, *downsampling, last = convs
     first_v, last_v = _weight_v(sd, f"encoder.layers.{first}.conv"), _weight_v(sd, f"encoder.layers.{last}.conv")
     block_v = _weight_v(sd, f"encoder.layers.{blocks[0]}.block.1.conv")  # [dim // compress, dim, k]
@@ -171,13 +174,16 @@ def load_audiocraft_compression(path: str | os.PathLike, **overrides) -> tuple[C
         raise StageStackError(f"{path}: not a readable torch checkpoint ({exc}). "
                               "Expected audiocraft's compression_state_dict.bin.") from exc
     if not isinstance(package, dict):
-        raise StageStackError(f"{path}: expected a dict (audiocraft compression_state_dict.bin), got {type(package).__name__}")
+        raise StageStackError(f"{path}: expected a dict (audiocraft's compression_state_dict.bin), "
+                              f"got {type(package).__name__}")
     if "pretrained" in package and "best_state" not in package:
         raise StageStackError(f"{path} holds no weights, only a reference to the pretrained codec "
                               f"{package['pretrained']!r}. Use that codec's own compression_state_dict.bin.")
     state = package.get("best_state", package)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint rather than an exported one
+    if not isinstance(state, dict):
+        raise StageStackError(f"{path}: 'best_state' should be a state dict, got {type(state).__name__}")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     xp_cfg = package.get("xp.cfg") or {}
@@ -195,6 +201,7 @@ def load_audiocraft_compression(path: str | os.PathLike, **overrides) -> tuple[C
     settings.update(overrides)
     sample_rate = settings.pop("sample_rate", None) or _lookup(cfg, "sample_rate")
     if sample_rate is None:
-        raise StageStackError(f"{path}: xp.cfg does not give the sample rate; pass sample_rate=... (32000 for MusicGen).")
+        raise StageStackError(f"{path}: xp.cfg does not give the sample rate; "
+                              "pass sample_rate=... (32000 for MusicGen).")
     hf_state = encodec_state_dict_to_hf(tensors)
-    return infer_codec_config(hf_state, sample_rate=int(sample_rate), **settings), hf_state
+    return infer_codec_config(hf_state, sample_rate=int(sample_rate), source=str(path), **settings), hf_state
