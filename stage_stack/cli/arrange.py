@@ -1,0 +1,381 @@
+"""Arranging from the command line: `arrange`, `add`, `pick`, `redo`, `remove`, `mix`, `show`, `arrange-batch`.
+
+    stage-stack arrange --bpm 120 --add drums,bass -o out/          # a new song from a click
+    stage-stack arrange --context mix.wav --add bass,keys -o out/   # on top of a mix
+    stage-stack arrange --from out/manifest.json -o again/          # reproduce a song
+    stage-stack add out/ keys --candidates 3
+    stage-stack pick out/ keys 2
+    stage-stack redo out/ bass --seed 7 --downstream
+    stage-stack remove out/ keys
+    stage-stack mix out/ --gain bass=-3
+    stage-stack show out/
+    accelerate launch -m stage_stack arrange-batch jobs.jsonl
+
+Layers are written `instrument` or `name=instrument` (a second keys layer: `pad=keys`).
+Experts come from the registry (`stage-stack instruments`); `--expert NAME=FILE` overrides one.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from . import cli
+from ..errors import InputError, StageStackError
+from ..mixing import CLICK_MODES
+
+
+# -- parsing helpers --------------------------------------------------------------------------
+
+def _pairs(values: tuple[str, ...], what: str, example: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise click.BadParameter(f"{value!r}: expected {what}, e.g. {example}")
+        out[key.strip()] = rest.strip()
+    return out
+
+
+def parse_layers(text: str) -> list[tuple[str, str | None]]:
+    """'drums,bass,pad=keys' -> [("drums", None), ("bass", None), ("keys", "pad")]."""
+    layers = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, instrument = item.partition("=")
+        layers.append((instrument.strip(), name.strip()) if sep else (item, None))
+    return layers
+
+
+def parse_device_map(value: str | None):
+    if value is None or value in ("auto", "cpu") or "=" not in value:
+        return value or "auto"
+    return _pairs(tuple(v for v in value.split(",") if v), "INSTRUMENT=DEVICE", "drums=cuda:0,bass=cuda:1")
+
+
+def _float(value: str, what: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{what}: {value!r} is not a number") from None
+
+
+@contextmanager
+def user_errors():
+    """Errors a user can act on become click's `Error: ...` (exit status 1); warnings print as `warning:`."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"warning: {message}", err=True)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    except StageStackError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        warnings.showwarning = previous
+
+
+class ProgressBars:
+    """tqdm bars: one over the layers, one over the generation steps of the current layer."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.layers = self.steps = None
+        self.current: tuple[int, str] | None = None
+
+    def __call__(self, progress) -> None:
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if self.layers is None or self.layers.total != progress.layers:
+            if self.layers is not None:
+                self.layers.close()
+            self.layers = tqdm(total=progress.layers, desc="layers", unit="layer", position=0, dynamic_ncols=True)
+        key = (progress.index, progress.layer)
+        if key != self.current:
+            if self.steps is not None:
+                self.steps.close()
+                self.layers.update(1)
+            self.current = key
+            self.steps = tqdm(total=progress.steps, desc=f"  {progress.layer}", unit="step", position=1, leave=False,
+                              dynamic_ncols=True)
+        if self.steps.total != progress.steps:
+            self.steps.total = progress.steps
+        self.steps.update(progress.step - self.steps.n)
+
+    def close(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+            self.layers.update(1)
+        if self.layers is not None:
+            self.layers.close()
+        self.layers = self.steps = self.current = None
+
+
+# -- building the arranger --------------------------------------------------------------------
+
+def arranger_options(command):
+    options = [
+        click.option("--expert", "experts", multiple=True, metavar="INSTRUMENT=FILE",
+                     help="Use this expert file for an instrument (repeatable); wins over the registry."),
+        click.option("--device-map", default=None,
+                     help="auto (GPUs by free memory, else CPU; the default), cpu, a device (cuda:1), or "
+                          "INSTRUMENT=DEVICE,..."),
+        click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+                     help="Memory budget per device, e.g. cuda:0=20GiB; least recently used experts are unloaded."),
+        click.option("--dtype", default="float32", show_default=True, help="LM dtype: float32, bfloat16 or float16."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def make_arranger(ctx: click.Context, experts: tuple[str, ...], device_map: str | None, max_memory: tuple[str, ...],
+                  dtype: str, **extra):
+    from ..arranger import Arranger
+    from .registry import registry_from_context
+
+    return Arranger(_pairs(experts, "INSTRUMENT=FILE", "drums=drums.safetensors"),
+                    registry=registry_from_context(ctx), device_map=parse_device_map(device_map),
+                    max_memory=_pairs(max_memory, "DEVICE=SIZE", "cuda:0=20GiB") or None, dtype=dtype, **extra)
+
+
+def _finish(song, quiet: bool, bars: ProgressBars) -> None:
+    bars.close()
+    if not quiet:
+        click.echo(song.summary())
+        stale = song.stale
+        if stale:
+            click.echo(f"note: {', '.join(stale)} heard an earlier version of the layers before them; "
+                       f"`stage-stack redo {song.path} LAYER` regenerates one", err=True)
+
+
+def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tuple[str, ...],
+                  prompts: tuple[str, ...], gains: tuple[str, ...], click_mode: str | None):
+    from ..arranger import Layer
+
+    pairs = [entry for item in instruments for entry in parse_layers(item)] + parse_layers(add or "")
+    if not pairs:
+        return []
+    prompt_of = _pairs(prompts, "LAYER=TEXT", "keys='warm electric piano'")
+    gain_of = {k: _float(v, "--gain") for k, v in _pairs(gains, "LAYER=DB", "bass=-3").items()}
+    default_candidates, candidates_of = 1, {}
+    for value in candidates:
+        if "=" in value:
+            key, _, n = value.partition("=")
+            candidates_of[key] = n
+        else:
+            default_candidates = value
+    layers = []
+    for instrument, name in pairs:
+        key = name or instrument
+        try:
+            n = int(candidates_of.get(key, default_candidates))
+        except ValueError:
+            raise click.BadParameter(f"--candidates for {key!r} must be an integer") from None
+        layers.append(Layer(instrument, name=name, prompt=prompt_of.get(key), gain_db=gain_of.get(key), candidates=n,
+                            click=click_mode))
+    known = {layer.key for layer in layers}
+    for option, values in (("--prompt", prompt_of), ("--gain", gain_of), ("--candidates", candidates_of)):
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{option} names layer(s) {', '.join(unknown)} that are not arranged; "
+                             f"layers: {', '.join(sorted(known))}")
+    return layers
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("instruments", nargs=-1)
+@click.option("--add", "add", metavar="LAYERS", help="Comma-separated layers, e.g. drums,bass,pad=keys.")
+@click.option("-c", "--context", type=click.Path(dir_okay=False, path_type=Path),
+              help="The mix to arrange on (any sample rate; stereo is downmixed). Default: none, start from a click.")
+@click.option("--bpm", type=float, help="Tempo of the click (30-300). Default without a context: 120.")
+@click.option("--duration", type=float, help="Seconds. Default: the context's length, else 10.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Layer i uses seed + i.")
+@click.option("--click", "click_mode", type=click.Choice(CLICK_MODES),
+              help="What each expert hears: the mix, mix+click, or the click alone. Default: mix+click when a "
+                   "tempo is known, else none.")
+@click.option("--candidates", multiple=True, metavar="N|LAYER=N", help="Variations per layer (all are kept).")
+@click.option("--prompt", "prompts", multiple=True, metavar="LAYER=TEXT", help="Text prompt for a layer.")
+@click.option("--gain", "gains", multiple=True, metavar="LAYER=DB", help="Mix gain of a layer in dB.")
+@click.option("--sample-rate", type=int, help="The song's rate. Default: the context's, else the experts'.")
+@click.option("--from", "from_manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="Reproduce the arrangement this manifest.json describes.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The arrangement directory. Running the same command again resumes it.")
+@arranger_options
+@click.pass_context
+def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, sample_rate,
+            from_manifest, out, experts, device_map, max_memory, dtype, quiet):
+    """Generate an arrangement layer by layer into OUT (manifest.json, stems/, mix.wav)."""
+    bars = ProgressBars(quiet)
+    with user_errors():
+        arranger = make_arranger(ctx, experts, device_map, max_memory, dtype, sample_rate=sample_rate)
+        if from_manifest is not None:
+            if instruments or add or context:
+                raise InputError("--from reproduces a manifest as it is; leave out layers and --context")
+            song = arranger.reproduce(from_manifest, out=out, callback=bars)
+            return _finish(song, quiet, bars)
+        layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode)
+        if not layers:
+            chain = arranger.registry.default_chain if arranger.registry is not None else []
+            if not chain:
+                raise InputError("name the layers to arrange, e.g. --add drums,bass")
+            layers = _build_layers(tuple(chain), None, candidates, prompts, gains, click_mode)
+            if not quiet:
+                click.echo(f"layers: {', '.join(chain)} (the registry's default chain)", err=True)
+        song, pending = arranger.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click_mode,
+                                         out=out)
+        if song.layers and not quiet:
+            click.echo(f"resuming {out}: {len(song.layers)} layer(s) done, {len(pending)} to go", err=True)
+        for position, layer in enumerate(pending):
+            arranger.run_layer(song, layer, bars, position=(position, len(pending)))
+        _finish(song, quiet, bars)
+
+
+def _open(directory: Path):
+    from ..arranger import Song
+
+    return Song.open(directory)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("layer")
+@click.option("--prompt", help="Text prompt for the layer.")
+@click.option("--seed", type=int, help="Default: the song's seed + the layer's position.")
+@click.option("--gain", type=float, help="Mix gain in dB.")
+@click.option("--candidates", type=int, default=1, show_default=True)
+@click.option("--click", "click_mode", type=click.Choice(CLICK_MODES), help="Default: the song's click mode.")
+@arranger_options
+@click.pass_context
+def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, experts, device_map, max_memory, dtype,
+        quiet):
+    """Add LAYER (`instrument` or `name=instrument`) to the arrangement in DIRECTORY."""
+    from ..arranger import Layer
+
+    bars = ProgressBars(quiet)
+    with user_errors():
+        parsed = parse_layers(layer)
+        if len(parsed) != 1:
+            raise InputError(f"add takes one layer (`instrument` or `name=instrument`), got {layer!r}")
+        (instrument, name), = parsed
+        song = _open(directory)
+        arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
+        arranger.adopt_experts(song.manifest)
+        arranger.add(song, Layer(instrument, name=name, prompt=prompt, seed=seed, gain_db=gain, candidates=candidates,
+                                 click=click_mode), callback=bars)
+        _finish(song, quiet, bars)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("layer")
+@click.argument("candidate", type=int)
+@click.option("-q", "--quiet", is_flag=True)
+def pick(directory, layer, candidate, quiet):
+    """Make CANDIDATE (from 0) the stem LAYER uses; re-renders the mix."""
+    with user_errors():
+        song = _open(directory).pick(layer, candidate)
+        _finish(song, quiet, ProgressBars(True))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("layer")
+@click.option("--seed", type=int, help="Default: a new random seed (recorded in the manifest).")
+@click.option("--prompt", help="A new text prompt.")
+@click.option("--downstream", is_flag=True, help="Also regenerate the layers after it, so they hear the new take.")
+@arranger_options
+@click.pass_context
+def redo(ctx, directory, layer, seed, prompt, downstream, experts, device_map, max_memory, dtype, quiet):
+    """Regenerate LAYER with a new seed or prompt (and optionally the layers after it)."""
+    bars = ProgressBars(quiet)
+    with user_errors():
+        song = _open(directory)
+        song.manifest.index(layer)  # unknown layer: fail before loading anything
+        arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
+        arranger.adopt_experts(song.manifest)
+        arranger.redo(song, layer, seed=seed, prompt=prompt, downstream=downstream, callback=bars)
+        _finish(song, quiet, bars)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("layer")
+@click.option("-q", "--quiet", is_flag=True)
+def remove(directory, layer, quiet):
+    """Remove LAYER and its files; re-renders the mix."""
+    with user_errors():
+        song = _open(directory).remove(layer)
+        _finish(song, quiet, ProgressBars(True))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--gain", "gains", multiple=True, metavar="LAYER=DB", help="New mix gain of a layer in dB.")
+@click.option("-q", "--quiet", is_flag=True)
+def mix(directory, gains, quiet):
+    """Re-render mix.wav (optionally with new gains)."""
+    with user_errors():
+        song = _open(directory)
+        song.remix({k: _float(v, "--gain") for k, v in _pairs(gains, "LAYER=DB", "bass=-3").items()})
+        _finish(song, quiet, ProgressBars(True))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest.")
+def show(directory, as_json):
+    """Describe the arrangement in DIRECTORY (reads only its manifest)."""
+    from ..arranger import Arrangement, describe
+
+    with user_errors():
+        store = Arrangement(directory)
+        if not store.exists():
+            raise InputError(f"{directory}: not an arrangement (no manifest.json)")
+        manifest = store.read_manifest()
+        click.echo(manifest.model_dump_json(indent=2) if as_json else describe(manifest, store.path))
+
+
+@cli.command("arrange-batch")
+@click.argument("jobs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where the gathered manifests go (default: JOBS.manifests.json).")
+@click.option("--cpu", is_flag=True, help="Run on the CPU even when GPUs are visible.")
+@click.option("--no-pipeline", is_flag=True, help="Run each process's songs one after another.")
+@arranger_options
+@click.pass_context
+def arrange_batch(ctx, jobs_file, summary, cpu, no_pipeline, experts, device_map, max_memory, dtype, quiet):
+    """Arrange every job of JOBS_FILE (one JSON object per line), sharded over processes.
+
+    Run it under `accelerate launch -m stage_stack arrange-batch jobs.jsonl` (or torchrun) to use
+    several processes/GPUs; each process uses its own device unless --device-map says otherwise.
+    A line: {"layers": ["drums", "bass"], "bpm": 120, "duration": 20, "seed": 1, "out": "song1"}.
+    """
+    from ..batch import run_distributed
+
+    with user_errors():
+        report = run_distributed(
+            jobs_file, lambda device: make_arranger(ctx, experts, device_map or device, max_memory, dtype),
+            cpu=cpu, summary=summary, pipeline=not no_pipeline)
+        if report is None:
+            return
+        if not quiet:
+            click.echo(f"{len(report['jobs'])} job(s) on {report['processes']} process(es); "
+                       f"manifests: {report['summary_path']}")
+        for row in report["jobs"]:
+            if "error" in row:
+                click.echo(f"job {row['index']} ({row['out']}) failed: {row['error']}", err=True)
+        if report["failed"]:
+            sys.exit(1)
