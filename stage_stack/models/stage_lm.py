@@ -111,12 +111,31 @@ def _attend(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~has_key, 0.0) if not bool(has_key.all()) else out
 
 
+class Linear(nn.Linear):
+    """nn.Linear that multiplies a handful of rows as W @ x^T (same parameters and keys).
+
+    A decoding step feeds one column for 2-4 rows (the CFG halves) and is bound by reading the
+    weights. For such skinny float32 inputs MKL streams the weight about twice as fast in this
+    orientation as in F.linear's x @ W^T (benchmarks/README.md). Larger inputs use F.linear.
+    """
+
+    SKINNY_ROWS = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > self.SKINNY_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or self.bias is not None:
+            return super().forward(x)
+        flat = x.reshape(rows, self.in_features).contiguous()
+        # contiguous output: a transposed view would send later ops down slower strided paths
+        return (self.weight @ flat.t()).t().contiguous().view(*x.shape[:-1], self.out_features)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: StageLMConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
-        self.out = nn.Linear(config.dim, config.dim, bias=False)
+        self.qkv = Linear(config.dim, 3 * config.dim, bias=False)
+        self.out = Linear(config.dim, config.dim, bias=False)
 
     def forward(self, x, allowed, layer: int, cache: KVCache | None) -> torch.Tensor:
         B, S, D = x.shape
@@ -127,7 +146,7 @@ class SelfAttention(nn.Module):
             cache.values[layer][:, :, start : start + S] = v
             k = cache.keys[layer][:, :, : start + S]
             v = cache.values[layer][:, :, : start + S]
-        y = _attend(q, k, v, allowed)
+        y = _attend(q.to(k.dtype), k, v, allowed).to(x.dtype)  # the cache may be wider than x (see new_cache)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -135,9 +154,9 @@ class CrossAttention(nn.Module):
     def __init__(self, config: StageLMConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
-        self.q = nn.Linear(config.dim, config.dim, bias=False)
-        self.kv = nn.Linear(config.dim, 2 * config.dim, bias=False)
-        self.out = nn.Linear(config.dim, config.dim, bias=False)
+        self.q = Linear(config.dim, config.dim, bias=False)
+        self.kv = Linear(config.dim, 2 * config.dim, bias=False)
+        self.out = Linear(config.dim, config.dim, bias=False)
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L, D = memory.shape
@@ -154,8 +173,8 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: StageLMConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.fc2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.fc1 = Linear(config.dim, config.ffn_dim, bias=False)
+        self.fc2 = Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -190,7 +209,7 @@ class StageLM(nn.Module):
             self.text_proj = nn.Linear(config.text_dim, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.heads = nn.ModuleList(nn.Linear(config.dim, config.card, bias=False) for _ in range(config.n_q))
+        self.heads = nn.ModuleList(Linear(config.dim, config.card, bias=False) for _ in range(config.n_q))
 
     # -- conditioning -------------------------------------------------------------------------
     def project_text(self, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -275,7 +294,11 @@ class StageLM(nn.Module):
 
     def new_cache(self, batch: int, max_steps: int) -> KVCache:
         p = self.final_norm.weight
-        return KVCache(self.config, batch, max_steps, p.device, p.dtype)
+        # On CPU, keys/values (and so decode attention) stay float32 under a bf16/fp16 model: without
+        # AMX, PyTorch's half-precision attention for one query over ~500-1000 keys is 4-6x slower
+        # than float32 (benchmarks/README.md) and made a bf16 decode step ~1.5x slower.
+        dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        return KVCache(self.config, batch, max_steps, p.device, dtype)
 
     @torch.no_grad()
     def reset_special_rows(self) -> None:
