@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -117,6 +117,19 @@ class ExpertMetadata(BaseModel):
         if self.text_encoder is not None and not lm.cross_attention:
             raise ValueError("text_encoder is set but lm_config.cross_attention is false")
         return self
+
+    @classmethod
+    def for_models(cls, instrument: str, lm_config: StageLMConfig, codec_config: CodecConfig,
+                   **fields: Any) -> "ExpertMetadata":
+        """Metadata for this LM and codec, with the fields they imply (rates, special tokens) filled in.
+
+        `codec` defaults to embedded; every other field (license, base_model, ...) is passed through.
+        """
+        fields.setdefault("codec", WeightsRef(embedded=True))
+        return cls(format_version=FORMAT_VERSION, instrument=instrument, lm_config=lm_config.to_dict(),
+                   codec_config=codec_config.to_dict(), sample_rate=codec_config.sample_rate,
+                   frame_rate=codec_config.frame_rate,
+                   special_tokens=SpecialTokens(pad=lm_config.pad_token, sep=lm_config.sep_token), **fields)
 
     @property
     def lm_cfg(self) -> StageLMConfig:

@@ -90,7 +90,6 @@ def generate(
     layout = TokenLayout.for_card(lm.config.card, lm.config.n_q)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
-    dtype = lm.final_norm.weight.dtype
     context = context.to(device)
     if num_samples > 1:
         context = context.repeat_interleave(num_samples, dim=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .expert import FORMAT_VERSION, ExpertMetadata, SpecialTokens, WeightsRef, save_expert
+from .expert import ExpertMetadata, save_expert
 from .models.codec import Codec, CodecConfig
 from .models.stage_lm import StageLM, StageLMConfig, init_weights
 
@@ -31,21 +31,9 @@ def tiny_lm(config: StageLMConfig = TINY_LM, seed: int = 0) -> StageLM:
 
 
 def expert_metadata(instrument: str, lm_config: StageLMConfig, codec_config: CodecConfig, **extra) -> ExpertMetadata:
-    fields = dict(
-        format_version=FORMAT_VERSION,
-        instrument=instrument,
-        lm_config=lm_config.to_dict(),
-        codec_config=codec_config.to_dict(),
-        codec=WeightsRef(embedded=True),
-        sample_rate=codec_config.sample_rate,
-        frame_rate=codec_config.frame_rate,
-        special_tokens=SpecialTokens(pad=lm_config.pad_token, sep=lm_config.sep_token),
-        base_model="random-init",
-        license="MIT",
-        training={"note": "random weights for tests"},
-    )
+    fields = dict(base_model="random-init", license="MIT", training={"note": "random weights for tests"})
     fields.update(extra)
-    return ExpertMetadata(**fields)
+    return ExpertMetadata.for_models(instrument, lm_config, codec_config, **fields)
 
 
 def make_tiny_expert(path: str | os.PathLike, instrument: str = "drums", seed: int = 0,

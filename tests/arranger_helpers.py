@@ -1,4 +1,4 @@
-"""Fixtures shared by the Arranger tests: tiny random experts (one fast codec, 1 s windows), one torch thread."""
+"""Fixtures shared by the Arranger tests: tiny random experts (one fast codec, 1 s windows)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from stage_stack import arranger as arranger_module
 from stage_stack.testing import TINY_CODEC, make_tiny_expert
@@ -16,15 +15,6 @@ FAST_CODEC = replace(TINY_CODEC, ratios=(8, 5, 4, 4))
 SHORT_WINDOW = {"max_context_seconds": 1.0, "max_target_seconds": 1.0}
 SR = FAST_CODEC.sample_rate
 INSTRUMENTS = ("drums", "bass", "keys")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: torch's default of one thread per core makes tiny ops wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_band(folder, training=SHORT_WINDOW, instruments=INSTRUMENTS) -> dict:

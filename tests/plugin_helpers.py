@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from stage_stack import registry as registry_module
 from stage_stack.plugins import reset_plugins
 
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """A private cache, no user registry, no plugin dirs, no third-party plugins from the venv."""
+    """A private cache, no user registry, no plugin dirs, no third-party plugins from the venv,
+    and the package default registry without the bundled demo experts (a copy whose relative
+    paths point into tmp_path), so tests see only the experts they make."""
+    default = tmp_path / "package" / "registry.yaml"
+    default.parent.mkdir()
+    default.write_text(registry_module.package_config_path().read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(registry_module, "package_config_path", lambda: default)
     monkeypatch.setenv("STAGE_STACK_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("STAGE_STACK_LOAD_PLUGINS", "")

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from arranger_helpers import SR, band, heard, one_thread  # noqa: F401  (fixtures)
+from arranger_helpers import SR, band, heard  # noqa: F401  (fixtures)
 from stage_stack import Arranger, Layer
 from stage_stack.errors import InputError, UnknownInstrumentError
 from stage_stack.expert import sha256_file

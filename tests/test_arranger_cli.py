@@ -9,7 +9,7 @@ import soundfile as sf
 import yaml
 from click.testing import CliRunner
 
-from arranger_helpers import band, one_thread  # noqa: F401  (fixtures)
+from arranger_helpers import band  # noqa: F401  (fixtures)
 from plugin_helpers import isolated  # noqa: F401  (a private STAGE_STACK_HOME, no user registry)
 from stage_stack import Arranger
 from stage_stack.cli import cli

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from arranger_helpers import FAST_CODEC, SR, band, make_band, one_thread  # noqa: F401  (fixtures)
+from arranger_helpers import FAST_CODEC, SR, band, make_band  # noqa: F401  (fixtures)
 from stage_stack import Arranger
 from stage_stack import pipeline as pipeline_module
 from stage_stack.expert import load_expert

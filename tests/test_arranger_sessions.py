@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from arranger_helpers import FAST_CODEC, SHORT_WINDOW, SR, band, heard, make_band, one_thread  # noqa: F401
+from arranger_helpers import FAST_CODEC, SHORT_WINDOW, SR, band, heard, make_band  # noqa: F401
 from stage_stack import Arranger, Layer, Song
 from stage_stack import arranger as arranger_module
 from stage_stack.arranger import audio_digest

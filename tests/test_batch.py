@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from arranger_helpers import band, one_thread  # noqa: F401  (fixtures)
+from arranger_helpers import band  # noqa: F401  (fixtures)
 from stage_stack import Arranger, Layer
 from stage_stack.batch import Job, arrange_many, pipeline_schedule, read_jobs
 from stage_stack.errors import InputError

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import stage_stack.cli.registry  # noqa: F401  (registers the commands)
+import stage_stack.registry  # the isolated fixture swaps its package_config_path
 from plugin_helpers import isolated, tiny_expert  # noqa: F401
 from stage_stack import paths
 from stage_stack.cli import cli
@@ -39,7 +40,7 @@ def run(*args):
 # -- package default --------------------------------------------------------------------------
 
 def test_package_default_registers_the_builtin_families(isolated):
-    registry = Registry.load()
+    registry = Registry.load(default_file=package_config_path())  # the real one, bundled experts and all
     assert registry.layers == [str(package_config_path())]
     assert registry.names == ["drums", "bass", "keys", "guitar"]  # by chain position
     assert registry.default_chain == ["drums", "bass", "keys"]
@@ -129,7 +130,7 @@ def test_layers_default_then_user_file_then_overrides(isolated):
             sources: [{path: experts/drums.safetensors}]
     """.replace("\n        ", "\n"))
     registry = Registry.load(user_file=user, overrides={"instruments": {"drums": {"default_gain_db": -9.5}}})
-    assert registry.layers == [str(package_config_path()), str(user), "overrides"]
+    assert registry.layers == [str(stage_stack.registry.package_config_path()), str(user), "overrides"]
     drums = registry.instrument("drums")
     assert drums.default_prompt == "brushed jazz kit"  # user file
     assert drums.default_gain_db == -9.5  # overrides beat the user file
@@ -278,7 +279,9 @@ def test_resolution_order_overrides_then_installed_then_sources(isolated, tiny_e
     config_file = tiny_expert(isolated / "config.safetensors", instrument="drums", seed=1)
     installed_src = tiny_expert(isolated / "installed.safetensors", instrument="drums", seed=2)
     override_file = tiny_expert(isolated / "override.safetensors", instrument="drums", seed=3)
-    user = write(isolated / "user.yaml", f"instruments:\n  drums:\n    sources: [{{path: {config_file}}}]\n")
+    # a chain of drums alone: the bundled bass and keys use another codec than these tiny experts
+    user = write(isolated / "user.yaml",
+                 f"chain: [drums]\ninstruments:\n  drums:\n    sources: [{{path: {config_file}}}]\n")
 
     assert Registry.load(user_file=user).resolve_expert("drums").path == config_file
     Registry.load(user_file=user).install("drums", installed_src)

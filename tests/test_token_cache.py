@@ -18,16 +18,6 @@ SR = 16000  # the tiny codec's rate: hop 160, 100 frames per second
 STEMS = ("bass", "drums", "keys")  # three stems keep the number of mixes (and the test) small
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny codec is too small to gain from threads; on a busy 2-core machine two spinning
-    threads made encoding ~9x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def codec():
     return tiny_codec()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 
+from ..errors import StageStackError
 from ..plugins import PluginCommandGroup
 
 
@@ -21,10 +23,24 @@ def cli(plugins_dirs: tuple[Path, ...], registry_file: Path | None) -> None:
     # Commands read these back from the root context (stage_stack.cli.registry.registry_from_context).
 
 
+def user_errors(command):
+    """Show a StageStackError (an error the user can act on) as one message and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except StageStackError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
 def main() -> None:
     from . import convert  # noqa: F401  (registers commands on `cli`)
     from . import registry  # noqa: F401
     from . import arrange  # noqa: F401
     from . import train  # noqa: F401
+    from . import evaluate  # noqa: F401
 
     cli()

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
-from ..errors import StageStackError
-from . import cli
+from . import cli, user_errors
 
 MUSICGEN_LICENSE = "CC-BY-NC-4.0"
-
-
-def _user_errors(command):
-    """Show a StageStackError as one clean message (exit code 1) instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except StageStackError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
 
 
 def _refuse_overwrite(out: Path, force: bool) -> None:
@@ -51,7 +36,7 @@ output_file = click.Path(dir_okay=False, path_type=Path)
 @click.option("--embed-codec/--reference-codec", default=None,
               help="Store the codec inside the expert, or beside it referenced by sha256 (default: embed only small codecs).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@_user_errors
+@user_errors
 def convert_stage(src: Path, out: Path, instrument: str, license_, base_model, description, default_prompt,
                   embed_codec, force: bool) -> None:
     """Convert an official STAGE checkpoint (stage-drums.safetensors, ...) into an expert file."""
@@ -95,7 +80,7 @@ def _report(result) -> None:
 @click.argument("model_dir", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=output_file)
 @_musicgen_options
-@_user_errors
+@user_errors
 def convert_musicgen_hf_command(model_dir: Path, out: Path, instrument, license_, base_model, embed_codec, seed,
                                 force) -> None:
     """MusicGen in transformers format (a folder with config.json + model.safetensors) -> a base expert.
@@ -116,7 +101,7 @@ def convert_musicgen_hf_command(model_dir: Path, out: Path, instrument, license_
 @_musicgen_options
 @click.option("--pad-mode", type=click.Choice(["reflect", "constant", "from-config"]), default="reflect",
               show_default=True, help="Codec padding: STAGE uses reflect; from-config keeps audiocraft's xp.cfg value.")
-@_user_errors
+@user_errors
 def convert_musicgen_audiocraft_command(state_dict_bin: Path, compression_bin: Path, out: Path, instrument, license_,
                                         base_model, embed_codec, seed, force, pad_mode) -> None:
     """MusicGen in audiocraft format (state_dict.bin + compression_state_dict.bin) -> a base expert.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import cli
+from . import cli, user_errors
 from .. import __version__, paths
 from ..errors import ExpertNotInstalledError, StageStackError
 from ..plugins import Plugins, get_plugins
@@ -34,15 +33,6 @@ def plugins_from_context(ctx: click.Context | None = None) -> Plugins:
     return get_plugins(root.params.get("plugins_dirs") or None)
 
 
-def user_errors(command):
-    """Turn the errors a user can act on into click's `Error: ...` and exit status 1."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except StageStackError as e:
-            raise click.ClickException(str(e)) from None
-    return wrapper
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

@@ -38,7 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from ..errors import CheckpointKeyError, StageStackError
-from ..expert import (FORMAT_VERSION, ExpertMetadata, SpecialTokens, WeightsRef, atomic_save_safetensors,
+from ..expert import (ExpertMetadata, WeightsRef, atomic_save_safetensors,
                       build_empty, read_header, save_codec, save_expert, sha256_file)
 from ..models.codec import Codec, CodecConfig
 from ..models.stage_lm import StageLM, StageLMConfig
@@ -628,15 +628,10 @@ def _write_base_expert(
 
     # Validate the metadata before writing anything; the file references are filled in below.
     try:
-        metadata = ExpertMetadata(
-            format_version=FORMAT_VERSION,
-            instrument=instrument,
-            lm_config=lm_config.to_dict(),
-            codec_config=codec_config.to_dict(),
-            codec=WeightsRef(embedded=True),
-            sample_rate=codec_config.sample_rate,
-            frame_rate=codec_config.frame_rate,
-            special_tokens=SpecialTokens(pad=lm_config.pad_token, sep=lm_config.sep_token),
+        metadata = ExpertMetadata.for_models(
+            instrument,
+            lm_config,
+            codec_config,
             text_encoder_id=text_id,
             base_model=base_model,
             license=license,

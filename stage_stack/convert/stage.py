@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointKeyError
-from ..expert import (FORMAT_VERSION, ExpertMetadata, SpecialTokens, WeightsRef, atomic_save_safetensors,
+from ..expert import (ExpertMetadata, WeightsRef, atomic_save_safetensors,
                       read_header, save_codec, save_expert, sha256_file)
-from ..models.codec import Codec, CodecConfig
+from ..models.codec import Codec
 from ..models.stage_lm import StageLM, StageLMConfig
 
 LM = "lm.decoder."
@@ -193,15 +193,11 @@ def convert_stage_checkpoint(
             written.append(path)
             text_ref, text_id = WeightsRef(embedded=False, id="t5-base", filename=path.name, sha256=digest), "t5-base"
 
-        metadata = ExpertMetadata(
-            format_version=FORMAT_VERSION,
-            instrument=instrument,
-            lm_config=config.to_dict(),
-            codec_config=codec_config.to_dict(),
+        metadata = ExpertMetadata.for_models(
+            instrument,
+            config,
+            codec_config,
             codec=codec_ref,
-            sample_rate=codec_config.sample_rate,
-            frame_rate=codec_config.frame_rate,
-            special_tokens=SpecialTokens(pad=config.pad_token, sep=config.sep_token),
             text_encoder=text_ref,
             text_encoder_id=text_id,
             base_model=base_model,

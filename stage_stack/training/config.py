@@ -1,0 +1,384 @@
+"""Training configs, read from YAML: `TrainConfig` (an expert) and `CodecTrainConfig` (a codec).
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error rather
+than a silently ignored setting. `load_config(path, TrainConfig)` turns any problem into one
+`TrainingConfigError` that names the file, the field (dotted path), what was given and the
+expected form. Relative paths inside a config are relative to the directory the command runs
+in (the repository root for the shipped `configs/*.yaml`).
+
+The fields in `RESUME_KEYS` decide what a run *is*; resuming a run with different values
+there is refused (`check_resume_compatible`), while step counts, intervals and the export
+section may change between sessions (for example to train longer).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import TrainingConfigError
+from ..models.codec import CodecConfig
+
+Precision = Literal["no", "fp16", "bf16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+class SynthSpec(_Section):
+    """A synthetic-band dataset that is written to its folder when the folder does not exist yet
+    (deterministic by seed, so every machine trains on the same songs)."""
+
+    n_songs: int = Field(gt=0)
+    seed: int = 0
+    duration: float = Field(30.0, gt=0)
+    sample_rate: int = Field(16000, gt=0)
+    bpm_range: tuple[float, float] | None = None
+
+    def ensure(self, root: str | os.PathLike) -> Path:
+        """Write the songs into `root` unless it exists; a half-written folder never appears."""
+        import shutil
+        import tempfile
+
+        from .synth import write_dataset
+
+        root = Path(root)
+        if root.exists():
+            return root
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            write_dataset(tmp, self.n_songs, seed=self.seed, duration=self.duration,
+                          sample_rate=self.sample_rate, bpm_range=self.bpm_range)
+            tmp.rename(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return root
+
+
+# -- expert training ---------------------------------------------------------------------------
+
+class FreshModel(_Section):
+    """A new small LM (random init, context conditioning only: text conditioning needs the T5
+    encoder and projection of an imported base expert). Its codec comes from a codec file
+    written by `stage-stack train-codec`, or from an expert file that embeds one."""
+
+    codec: Path
+    dim: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    ffn_dim: int = Field(1024, gt=0)
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "FreshModel":
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class BaseSpec(_Section):
+    """Where training starts: exactly one of an expert file (e.g. an imported MusicGen) or a fresh LM."""
+
+    expert: Path | None = None
+    fresh: FreshModel | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "BaseSpec":
+        if (self.expert is None) == (self.fresh is None):
+            raise ValueError("set exactly one of 'expert' (a base expert file) or 'fresh' (a new small LM)")
+        return self
+
+
+class DataConfig(_Section):
+    """STAGE pairs for one target stem (reference §5), sampled from a pre-tokenized cache.
+
+    The songs under `root` are encoded once with the expert's codec into
+    `cache/<fingerprint>/` (`token_cache.pretokenize`; the fingerprint covers the codec's
+    weights and the augmentation settings, so a retrained codec never reads stale codes). The
+    cache holds every stem and context mix, so experts for different stems share it.
+    Augmentation happens there: variant 0 is the song as written, variants 1.. a speed and/or
+    pitch change drawn from `speed` / `pitch`.
+    """
+
+    root: Path  # MoisesDB-style folder (e.g. the synthetic band)
+    cache: Path  # parent folder of the token caches
+    target_stem: str = Field(min_length=1)
+    valid_root: Path | None = None  # held-out songs; default: the last `n_valid` songs of `root`
+    n_valid: int = Field(4, ge=0)  # used when valid_root is not set
+    synth: SynthSpec | None = None  # write `root` with the synthetic band if it is missing
+    valid_synth: SynthSpec | None = None  # the same for `valid_root`
+    variants: int = Field(4, gt=0)  # encoded versions of each training song (1 = no augmentation)
+    identity_prob: float = Field(0.25, ge=0, le=1)  # chance a pair uses the unaugmented variant
+    speed: tuple[float, float] = (0.8, 1.2)  # time ratio range of the augmented variants
+    pitch: tuple[int, int] = (-4, 4)  # semitone range of the augmented variants
+    max_mixes_per_target: int = Field(7, gt=0)
+    segment_seconds: float = Field(10.0, gt=0)  # target length
+    context_seconds: tuple[float, float] = (5.0, 10.0)
+    full_context_prob: float = Field(0.05, ge=0, le=1)
+    click_prob: float = Field(0.5, ge=0, le=1)
+    valid_samples: int = Field(32, gt=0)  # fixed validation pairs
+
+    @field_validator("context_seconds", "speed")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected [low, high] with 0 < low <= high, got {list(v)}")
+        return v
+
+    @field_validator("pitch")
+    @classmethod
+    def _pitch(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] > v[1]:
+            raise ValueError(f"expected [low, high] semitones with low <= high, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> "DataConfig":
+        if self.context_seconds[1] > self.segment_seconds:
+            raise ValueError(f"context_seconds max ({self.context_seconds[1]}) exceeds segment_seconds "
+                             f"({self.segment_seconds})")
+        if self.valid_root is None and self.n_valid == 0:
+            raise ValueError("no validation data: set 'valid_root' or 'n_valid' > 0")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-4, gt=0)  # peak LR of the whole model (phase 2)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas must be in [0, 1), got {list(v)}")
+        return v
+
+
+class ScheduleConfig(_Section):
+    """The paper's two phases (reference §5, "context-token warm-up").
+
+    Phase 1 (`embed_only_steps`): only the embedding tables (SEP row included) and the text
+    projection learn, at `lr * (1 + embed_lr_boost * (1 - step / embed_only_steps))`; the rest
+    of the model has LR 0. Phase 2: everything learns; the rest of the model ramps linearly
+    from 0 to `lr` over `unfreeze_ramp_steps` (0 = at once, as upstream).
+    """
+
+    max_steps: int = Field(gt=0)  # optimizer steps
+    embed_only_steps: int = Field(1000, ge=0)
+    embed_lr_boost: float = Field(1.5, ge=0)
+    unfreeze_ramp_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(1.0, gt=0, le=1)  # < 1: cosine decay after the ramp, to lr * ratio at max_steps
+
+
+class DropoutConfig(_Section):
+    """Condition dropout for classifier-free guidance (reference §1 and §3)."""
+
+    context: float = Field(0.1, ge=0, le=1)  # whole context row -> PAD
+    text: float = Field(0.5, ge=0, le=1)  # description -> null condition
+    words: float = Field(0.3, ge=0, le=1)  # each word of a kept description
+
+
+class ExportConfig(_Section):
+    output: Path  # the expert file written at the end (and by `stage-stack train --export-only`)
+    license: str = "MIT"
+    description: str = ""
+    default_prompt: str = ""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # LM weights in the file
+    notes: str = ""  # extra text appended to the model card
+
+
+class TrainConfig(_Section):
+    instrument: str = Field(min_length=1)
+    run_dir: Path  # checkpoints, logs and metrics
+    seed: int = 0
+    base: BaseSpec
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig
+    dropout: DropoutConfig = DropoutConfig()
+    export: ExportConfig
+    batch_size: int = Field(8, gt=0)  # per process and micro-step
+    grad_accum: int = Field(1, gt=0)
+    mixed_precision: Precision = "no"
+    cpu: bool = False  # force the CPU even when a GPU is present
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    eval_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    torch_threads: int | None = Field(None, gt=0)  # CPU threads for torch (None: torch's default)
+
+
+# Fields that define a run: changing them and resuming would silently train something else.
+# `base.fresh.codec` is not among them: a codec file whose decoder was retrained (same codes) may
+# replace it; train.py compares the codec's code fingerprint instead.
+RESUME_KEYS = ("instrument", "seed", "base.expert", "base.fresh.dim", "base.fresh.n_layers", "base.fresh.n_heads",
+               "base.fresh.ffn_dim", "base.fresh.init_seed", "data", "optim", "dropout", "batch_size", "grad_accum",
+               "schedule.embed_only_steps", "schedule.embed_lr_boost", "schedule.unfreeze_ramp_steps",
+               "schedule.min_lr_ratio", "mixed_precision")
+
+
+# -- codec training ----------------------------------------------------------------------------
+
+class CodecDataConfig(_Section):
+    root: Path  # MoisesDB-style folder of training songs
+    valid_root: Path  # held-out songs for the metrics
+    synth: SynthSpec | None = None  # write `root` with the synthetic band if it is missing
+    valid_synth: SynthSpec | None = None
+    segment_seconds: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    mix_prob: float = Field(0.35, ge=0, le=1)  # a sum of 2+ stems (contexts are mixes)
+    click_prob: float = Field(0.1, ge=0, le=1)  # a click track (drum contexts are clicks)
+    silence_threshold: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _probs(self) -> "CodecDataConfig":
+        if self.mix_prob + self.click_prob > 1:
+            raise ValueError(f"mix_prob + click_prob must be <= 1, got {self.mix_prob} + {self.click_prob}")
+        return self
+
+
+class CodecLossConfig(_Section):
+    l1: float = Field(1.0, ge=0)  # waveform L1
+    stft: float = Field(1.0, ge=0)  # multi-resolution STFT (spectral convergence + log magnitude)
+    mel: float = Field(1.0, ge=0)  # multi-scale log-mel L1
+    commitment: float = Field(1.0, ge=0)
+    stft_sizes: list[int] = [128, 256, 512, 1024]
+    mel_sizes: list[int] = [512, 1024, 2048]
+    n_mels: int = Field(64, gt=0)
+
+
+class QuantizerTrainConfig(_Section):
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    dead_code_threshold: float = Field(0.5, ge=0)  # EMA usage count below which a code is re-seeded
+    kmeans_iters: int = Field(10, ge=0)
+    init_batches: int = Field(4, gt=0)  # batches of latents the k-means initialisation sees
+
+
+class CodecEvalConfig(_Section):
+    n_songs: int = Field(4, gt=0)
+    seconds: float = Field(8.0, gt=0)
+
+
+class CodecTrainConfig(_Section):
+    id: str = "stage-stack/demo-codec"
+    run_dir: Path
+    output: Path  # the codec file (stage_stack.expert.save_codec format)
+    seed: int = 0
+    codec: dict[str, Any]  # CodecConfig fields
+    # Start from the weights of a codec file. With train_encoder false, the encoder and the
+    # codebooks stay frozen and only the decoder learns: the codes of every input stay exactly
+    # the same, so experts and token caches made with `init_from` remain valid.
+    init_from: Path | None = None
+    train_encoder: bool = True
+    data: CodecDataConfig
+    loss: CodecLossConfig = CodecLossConfig()
+    quantizer: QuantizerTrainConfig = QuantizerTrainConfig()
+    eval: CodecEvalConfig = CodecEvalConfig()
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.8, 0.99)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    max_steps: int = Field(gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    eval_every: int = Field(500, gt=0)
+    log_every: int = Field(10, gt=0)
+    cpu: bool = False
+    torch_threads: int | None = Field(None, gt=0)  # CPU threads for torch (None: torch's default)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: dict) -> dict:
+        CodecConfig.from_dict(v)  # ValueError names the unknown field or bad value
+        return v
+
+    @property
+    def codec_config(self) -> CodecConfig:
+        return CodecConfig.from_dict(self.codec)
+
+    @model_validator(mode="after")
+    def _frozen_needs_init(self) -> "CodecTrainConfig":
+        if not self.train_encoder and self.init_from is None:
+            raise ValueError("train_encoder: false keeps the encoder as it is: set 'init_from' to a trained codec")
+        return self
+
+
+CODEC_RESUME_KEYS = ("seed", "codec", "init_from", "train_encoder", "data", "loss", "quantizer", "lr", "betas",
+                     "grad_clip_norm", "warmup_steps")
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _describe_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "missing":
+            lines.append(f"  field '{where}': required but missing")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"  field '{where}': unknown field (check the spelling; see the config docs)")
+        else:
+            lines.append(f"  field '{where}': {err['msg']} (got {err['input']!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike, kind: type[ConfigT]) -> ConfigT:
+    """Read and validate a YAML config; TrainingConfigError names the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TrainingConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise TrainingConfigError(f"{path}: expected a mapping of fields at the top level, got "
+                                  f"{type(data).__name__}; see configs/ for examples")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        raise TrainingConfigError(f"{path}: invalid {kind.__name__}:\n{_describe_errors(e)}") from None
+
+
+def _lookup(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _first_difference(key: str, before: Any, after: Any) -> tuple[str, Any, Any] | None:
+    """The dotted path of the first leaf that differs, with both values (None if equal)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for sub in sorted(set(before) | set(after)):
+            found = _first_difference(f"{key}.{sub}", before.get(sub), after.get(sub))
+            if found:
+                return found
+        return None
+    return None if before == after else (key, before, after)
+
+
+def check_resume_compatible(saved: dict, current: BaseModel, keys: tuple[str, ...], run_dir: Path) -> None:
+    """Refuse to resume a run whose defining fields changed; name the first changed field."""
+    now = current.model_dump(mode="json")
+    for key in keys:
+        found = _first_difference(key, _lookup(saved, key), _lookup(now, key))
+        if found:
+            field, before, after = found
+            raise TrainingConfigError(
+                f"{run_dir}: cannot resume: config field '{field}' is {after!r} but the run was started with "
+                f"{before!r}. Restore that value to continue the run, or set a new run_dir to start a new one.")

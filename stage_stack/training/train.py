@@ -1,0 +1,514 @@
+"""The STAGE fine-tuning recipe on Accelerate (reference §5): `train(config)` / `stage-stack train`.
+
+    base expert (imported MusicGen, another expert) or a fresh small StageLM
+      + pre-tokenized pairs (context codes, target codes, description)
+      -> TokenLayout.training_batch  (context dropout -> PAD rows, for CFG)
+      -> StageLM (text memory from the frozen T5, with text and word dropout, when the LM has
+         cross-attention)
+      -> TokenLayout.loss            (the reference's masked per-codebook cross-entropy)
+      -> AdamW with two parameter groups and the paper's two phases:
+           phase 1: embeddings (SEP row included) + text projection only, at a boosted LR;
+           phase 2: everything, the rest of the model ramping up from 0.
+
+What makes a run resumable exactly: every random draw is a function of (seed, step) or of the
+sample index (the data), the checkpoint holds model, optimizer, scheduler, the global RNGs,
+the step and the data position, and checkpoints are only taken between optimizer steps. A
+resumed run therefore computes the same losses and weights as one that was never stopped.
+
+Accelerate provides the device, DDP across processes (`accelerate launch -m stage_stack
+train ...`), mixed precision (`mixed_precision: bf16|fp16`) and loss scaling; gradient
+accumulation is explicit below (`no_sync` on all but the last micro-batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import StageStackError, TrainingConfigError
+from ..expert import ExpertMetadata, load_expert
+from ..layout import TokenLayout
+from ..models.codec import Codec
+from ..models.stage_lm import StageLM, StageLMConfig, init_weights
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import RESUME_KEYS, TrainConfig, check_resume_compatible
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict], None]  # (step just completed, its record)
+
+
+# -- the model to start from -------------------------------------------------------------------
+
+@dataclass
+class Base:
+    lm: StageLM
+    codec: Codec
+    metadata: ExpertMetadata | None  # None for a fresh LM
+    text: object | None = None  # models.text.TextConditioner when the LM uses text
+    codec_info: dict = field(default_factory=dict)  # codec id and metrics, for the model card
+    source: str = ""
+
+
+def load_base(config: TrainConfig) -> Base:
+    """The LM to fine-tune (float32, CPU) with its codec and text conditioner."""
+    spec = config.base
+    if spec.expert is not None:
+        expert = load_expert(spec.expert, device="cpu", dtype="float32")
+        info = expert.metadata.training.get("codec", {"id": expert.metadata.codec.id or "embedded"})
+        lm_cfg = expert.metadata.lm_cfg
+        if lm_cfg.cross_attention and expert.text is None:
+            raise StageStackError(f"{spec.expert}: the LM uses text cross-attention but its text encoder was not "
+                                  "found; install it (see `stage-stack install`) before training")
+        return Base(expert.lm.train(), expert.codec, expert.metadata, expert.text, info, str(spec.expert))
+
+    from .codec_train import load_codec_file
+
+    fresh = spec.fresh
+    codec, codec_training = load_codec_file(fresh.codec)
+    lm_cfg = StageLMConfig(dim=fresh.dim, n_layers=fresh.n_layers, n_heads=fresh.n_heads, ffn_dim=fresh.ffn_dim,
+                           card=codec.config.card, n_q=codec.config.n_q, cross_attention=False)
+    lm = init_weights(StageLM(lm_cfg), seed=fresh.init_seed).train()
+    info = {"id": codec_training.get("config", {}).get("id", Path(fresh.codec).stem),
+            "metrics": codec_training.get("metrics", {}), "file": str(fresh.codec)}
+    return Base(lm, codec, None, None, info, f"fresh {lm_cfg}")
+
+
+def codec_fingerprint(codec: Codec) -> str:
+    """sha256 of what decides the codes (config, encoder, codebooks): names the token cache.
+
+    The decoder is left out on purpose: a codec whose decoder was retrained with a frozen
+    encoder (`train-codec` with `train_encoder: false`) gives the same codes, so it shares the
+    cache and can continue or re-export a run.
+    """
+    h = hashlib.sha256(json.dumps(codec.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(codec.model.state_dict().items()):
+        if not name.startswith(("encoder.", "quantizer.")):
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def cache_dirs(config: TrainConfig, codec: Codec) -> tuple[Path, Path | None]:
+    """(training cache, separate validation cache or None) under `data.cache`, each named by its
+    songs folder and a key over that folder, the codec's codes and the augmentation settings."""
+    d = config.data
+    codes = codec_fingerprint(codec)
+
+    def folder(root: Path, variants: int) -> Path:
+        settings = {"root": str(Path(root).resolve()), "codec": codes, "variants": variants, "speed": list(d.speed),
+                    "pitch": list(d.pitch), "mixes": d.max_mixes_per_target}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(d.cache) / f"{Path(root).name}-{key}"
+
+    return folder(d.root, d.variants), folder(d.valid_root, 1) if d.valid_root is not None else None
+
+
+def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait: Callable[[], None] = lambda: None,
+                   progress: bool = False):
+    """Write the synthetic songs if configured, pre-tokenize (main process), then the pair datasets."""
+    from .token_cache import TokenPairDataset, pretokenize
+
+    d = config.data
+    train_dir, valid_dir = cache_dirs(config, codec)
+    if is_main:
+        for root, synth in ((d.root, d.synth), (d.valid_root, d.valid_synth)):
+            if root is not None and synth is not None:
+                synth.ensure(root)
+        codec.eval()
+        pretokenize(d.root, codec, train_dir, variants=d.variants, speed=d.speed, pitch=d.pitch,
+                    max_mixes_per_target=d.max_mixes_per_target, progress=progress)
+        if valid_dir is not None:
+            pretokenize(d.valid_root, codec, valid_dir, variants=1, max_mixes_per_target=d.max_mixes_per_target,
+                        progress=progress)
+    wait()
+    pair_args = dict(target_stem=d.target_stem, segment_seconds=d.segment_seconds, context_seconds=d.context_seconds,
+                     full_context_prob=d.full_context_prob, click_prob=d.click_prob)
+    if valid_dir is None:
+        train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
+                                 seed=config.seed, **pair_args)
+        valid = TokenPairDataset(train_dir, split="valid", n_valid=d.n_valid, identity_prob=1.0,
+                                 samples_per_epoch=d.valid_samples, seed=config.seed + 1, **pair_args)
+    else:
+        train = TokenPairDataset(train_dir, split="all", identity_prob=d.identity_prob, seed=config.seed, **pair_args)
+        valid = TokenPairDataset(valid_dir, split="all", identity_prob=1.0, samples_per_epoch=d.valid_samples,
+                                 seed=config.seed + 1, **pair_args)
+    return train, valid
+
+
+def pairs_at(dataset, positions: list[int]) -> list:
+    """Items at global sample positions: position p is item p mod len of epoch p // len."""
+    items = []
+    for p in positions:
+        epoch, index = divmod(p, len(dataset))
+        dataset.set_epoch(epoch)
+        items.append(dataset[index])
+    return items
+
+
+# -- optimisation ------------------------------------------------------------------------------
+
+def is_embedding_param(name: str) -> bool:
+    """Phase-1 parameters: the token embeddings (SEP row included) and the text projection."""
+    return name.startswith(("embeddings.", "text_proj."))
+
+
+def param_groups(lm: StageLM) -> list[dict]:
+    embed = [p for n, p in lm.named_parameters() if is_embedding_param(n)]
+    rest = [p for n, p in lm.named_parameters() if not is_embedding_param(n)]
+    return [{"params": embed, "name": "embeddings"}, {"params": rest, "name": "rest"}]
+
+
+def lr_factors(config: TrainConfig) -> tuple[Callable[[int], float], Callable[[int], float]]:
+    """LambdaLR factors (embeddings group, rest group) per optimizer step (reference §5)."""
+    s = config.schedule
+    phase1, ramp = s.embed_only_steps, s.unfreeze_ramp_steps
+
+    def decay(step: int) -> float:
+        start = phase1 + ramp
+        if s.min_lr_ratio >= 1 or step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, s.max_steps - start))
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def embeddings(step: int) -> float:
+        if step < phase1:
+            return 1.0 + s.embed_lr_boost * (1.0 - step / phase1)
+        return decay(step)
+
+    def rest(step: int) -> float:
+        if step < phase1:
+            return 0.0
+        if step < phase1 + ramp:
+            return (step - phase1 + 1) / ramp * decay(step)
+        return decay(step)
+
+    return embeddings, rest
+
+
+def zero_pad_row_grads(lm: StageLM) -> None:
+    """PAD rows get no gradient (upstream's padding_idx), so AdamW keeps them exactly zero."""
+    pad = lm.config.pad_token
+    for emb in lm.embeddings:
+        emb.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([pad], device=g.device), 0.0))
+
+
+def check_resumable(state: dict, config: TrainConfig, codes_fingerprint: str) -> None:
+    """Refuse to continue a checkpoint with a config or codec that would train something else."""
+    check_resume_compatible(state["config"], config, RESUME_KEYS, Path(config.run_dir))
+    if state["codec_fingerprint"] != codes_fingerprint:
+        source = config.base.expert or config.base.fresh.codec
+        raise TrainingConfigError(
+            f"{config.run_dir}: cannot resume: the codec ({source}) encodes differently from the one this run was "
+            "trained with. Point the config at that codec again (a codec whose decoder alone was retrained is fine).")
+
+
+# -- the trainer -------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run: owns the accelerator, the model, the optimizer and the data position."""
+
+    def __init__(self, config: TrainConfig, base: Base, train_data, valid_data, accelerator) -> None:
+        self.config, self.base, self.accelerator = config, base, accelerator
+        self.train_data, self.valid_data = train_data, valid_data
+        self.lm = base.lm
+        cfg = self.lm.config
+        self.layout = TokenLayout.for_card(cfg.card, cfg.n_q)
+        self.use_text = cfg.cross_attention and base.text is not None
+        self.codes_fingerprint = codec_fingerprint(base.codec)
+        zero_pad_row_grads(self.lm)
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(param_groups(self.lm), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, list(lr_factors(config)))
+        self.step = 0  # optimizer steps done
+        self.position = 0  # global training samples consumed (all processes)
+        self.history: list[dict] = []
+        self.elapsed = 0.0  # training seconds over all sessions
+        self.model, self.optimizer = accelerator.prepare(self.lm, self.optimizer)
+        if self.use_text:
+            base.text.to(accelerator.device)
+        self.valid_batches = self._validation_batches()
+
+    # -- state ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.accelerator.unwrap_model(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "position": self.position, "history": self.history, "elapsed": self.elapsed,
+                "rng": rng_state(), "codec_fingerprint": self.codes_fingerprint,
+                "config": self.config.model_dump(mode="json")}
+
+    def load_state(self, state: dict) -> None:
+        check_resumable(state, self.config, self.codes_fingerprint)
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.position, self.history = state["step"], state["position"], state["history"]
+        self.elapsed = state["elapsed"]
+        set_rng_state(state["rng"])
+
+    def checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        path = save_checkpoint(self.config.run_dir, self.step, self.state(), self.config.keep_checkpoints)
+        (Path(self.config.run_dir) / "history.json").write_text(json.dumps(self.history, indent=1))
+        return path
+
+    # -- batches ----------------------------------------------------------------------------
+    def _seed(self, micro: int, salt: int) -> int:
+        """A seed for the draws of (step, micro-batch, process, purpose): a pure function of the
+        position in the run, so resuming needs no generator state."""
+        entropy = [self.config.seed, self.step, micro, self.accelerator.process_index, salt]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def _generator(self, micro: int, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self._seed(micro, salt))
+
+    def _micro_batch(self, micro: int) -> dict:
+        from .token_cache import collate_token_pairs
+
+        B, world = self.config.batch_size, self.accelerator.num_processes
+        start = self.position + (micro * world + self.accelerator.process_index) * B
+        return collate_token_pairs(pairs_at(self.train_data, list(range(start, start + B))))
+
+    def text_memory(self, descriptions: list[str], train: bool, micro: int = 0):
+        """(memory, mask) for the LM's cross-attention, or (None, None) when it has no text."""
+        if not self.use_text:
+            return None, None
+        texts = list(descriptions)
+        words = 0.0
+        if train:
+            drop = torch.rand(len(texts), generator=self._generator(micro, 1)) < self.config.dropout.text
+            texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
+            words = self.config.dropout.words
+        rng = random.Random(self._seed(micro, 2))
+        hidden, mask = self.base.text.encode(texts, word_dropout=words, rng=rng)
+        lm = self.accelerator.unwrap_model(self.model)
+        return lm.project_text(hidden, mask), mask
+
+    def loss(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False) -> torch.Tensor:
+        device = self.accelerator.device
+        context = [c.to(device) for c in batch["context"]]
+        target = batch["target"].to(device)
+        B = target.shape[0]
+        if drop_all_context:
+            drop = torch.ones(B, dtype=torch.bool)
+        elif train:
+            drop = torch.rand(B, generator=self._generator(micro, 0)) < self.config.dropout.context
+        else:
+            drop = None
+        tb = self.layout.training_batch(context, target, drop_context=drop.to(device) if drop is not None else None)
+        memory, mask = self.text_memory(batch["description"], train, micro)
+        with self.accelerator.autocast():
+            logits = self.model(tb.codes, tb.attention_mask, memory, mask)
+        return self.layout.loss(logits, tb)
+
+    # -- steps ------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns its record."""
+        accum = self.config.grad_accum
+        started = time.perf_counter()
+        self.model.train()
+        total = 0.0
+        for micro in range(accum):
+            batch = self._micro_batch(micro)
+            sync = micro == accum - 1
+            context = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
+            with context:
+                loss = self.loss(batch, train=True, micro=micro)
+                self.accelerator.backward(loss / accum)
+            total += loss.item() / accum
+        grad_norm = None
+        if self.config.optim.grad_clip_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip_norm))
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.position += accum * self.accelerator.num_processes * self.config.batch_size
+        self.elapsed += time.perf_counter() - started
+        loss_t = torch.tensor([total], device=self.accelerator.device)
+        mean_loss = float(self.accelerator.reduce(loss_t, reduction="mean"))
+        return {"step": self.step, "loss": round(mean_loss, 5), "lr_embeddings": lrs[0], "lr_rest": lrs[1],
+                "grad_norm": None if grad_norm is None else round(grad_norm, 4)}
+
+    def _validation_batches(self) -> dict[str, list[dict]]:
+        """The fixed validation pairs, batched per context kind (click / stems)."""
+        from .token_cache import collate_token_pairs
+
+        pairs = pairs_at(self.valid_data, list(range(len(self.valid_data))))
+        by_kind: dict[str, list] = {}
+        for p in pairs:
+            by_kind.setdefault(p.info.context_kind, []).append(p)
+        B = self.config.batch_size
+        return {kind: [collate_token_pairs(ps[i:i + B]) for i in range(0, len(ps), B)] for kind, ps in by_kind.items()}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation losses: all pairs, per context kind, and with the context dropped."""
+        self.model.eval()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for kind, batches in self.valid_batches.items():
+            for batch in batches:
+                n = batch["target"].shape[0]
+                for key, dropped in (("val_loss", False), ("val_loss_no_context", True)):
+                    loss = self.loss(batch, train=False, drop_all_context=dropped).item()
+                    for k in (key, f"val_loss_{kind}") if not dropped else (key,):
+                        sums[k] = sums.get(k, 0.0) + loss * n
+                        counts[k] = counts.get(k, 0) + n
+        self.model.train()
+        return {k: round(sums[k] / counts[k], 5) for k in sums}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- the entry point ---------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    output: Path | None  # the exported expert (None when the session stopped early)
+    step: int
+    history: list[dict]
+    seconds: float
+    metrics: dict
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          callback: StepCallback | None = None, export: bool = True, command: str | None = None) -> TrainResult:
+    """Train (or continue) the expert described by `config`; export it when max_steps is reached.
+
+    A run dir that already holds checkpoints is never restarted over: pass `resume=True` to
+    continue it. Ctrl-C checkpoints the last completed step before stopping. `stop_after`
+    ends this session after that many steps (with a checkpoint), as an interruption would;
+    `callback(step, record)` is called after every step.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingConfigError("mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    run_dir = Path(config.run_dir)
+    found = latest_checkpoint(run_dir)
+    if found is not None and not resume:
+        raise StageStackError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume to continue "
+                              "that run, or set a new run_dir to start another")
+
+    torch.manual_seed(config.seed)
+    base = load_base(config)
+    state = None
+    if found is not None:  # check before any pre-tokenization work
+        state = load_checkpoint(found, "cpu")
+        check_resumable(state, config, codec_fingerprint(base.codec))
+    base.codec.to(accelerator.device)  # pre-tokenization runs on the training device
+    train_data, valid_data = build_datasets(config, base.codec, accelerator.is_main_process,
+                                            accelerator.wait_for_everyone, progress=progress)
+    trainer = Trainer(config, base, train_data, valid_data, accelerator)
+    if state is not None:
+        trainer.load_state(state)
+        log.info("resumed %s at step %d (sample %d)", run_dir, trainer.step, trainer.position)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+
+    started, session_steps = time.time(), 0
+    bar = tqdm(total=config.schedule.max_steps, initial=trainer.step, desc=f"train {config.instrument}",
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    window: list[float] = []
+    try:
+        while trainer.step < config.schedule.max_steps:
+            record = trainer.train_step()
+            session_steps += 1
+            window.append(record["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            step = trainer.step
+            if step % config.log_every == 0:
+                record["train_loss"] = round(sum(window) / len(window), 5)
+                window.clear()
+                trainer.history.append(record)
+                log.info("step %d %s", step, record)
+            if step % config.eval_every == 0 or step == config.schedule.max_steps:
+                metrics = trainer.validate()
+                trainer.history.append({"step": step, **metrics})
+                line = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                bar.write(line) if progress and accelerator.is_main_process else log.info(line)
+            if callback is not None:
+                callback(step, record)
+            stopping = stop_after is not None and session_steps >= stop_after
+            if step % config.checkpoint_every == 0 or step == config.schedule.max_steps or stopping:
+                trainer.checkpoint()
+            if stopping:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        trainer.checkpoint()  # the last completed step; `--resume` continues from it
+        raise
+    bar.close()
+    seconds = time.time() - started
+
+    if trainer.step < config.schedule.max_steps or not export:
+        return TrainResult(None, trainer.step, trainer.history, seconds, {})
+    output = None
+    metrics = {}
+    if accelerator.is_main_process:
+        output, metrics = export_run(config, trainer, base, seconds, command)
+    accelerator.wait_for_everyone()
+    return TrainResult(output, trainer.step, trainer.history, seconds, metrics)
+
+
+def export_run(config: TrainConfig, trainer: Trainer, base: Base, seconds: float,
+               command: str | None = None) -> tuple[Path, dict]:
+    from .export import export_expert, training_summary
+
+    lm = trainer.accelerator.unwrap_model(trainer.model)
+    metrics = training_summary(trainer.history)
+    d = config.data
+    training = {
+        "recipe": "stage-stack STAGE fine-tuning (reference §5)",
+        "steps": trainer.step,
+        "samples": trainer.position,
+        "processes": trainer.accelerator.num_processes,
+        "device": str(trainer.accelerator.device),
+        "wall_seconds": round(trainer.elapsed, 1),
+        "lm_parameters": sum(p.numel() for p in lm.parameters()),
+        # The window generation uses for long pieces (stage_stack.longform.expert_window_seconds).
+        "max_context_seconds": d.context_seconds[1],
+        "max_target_seconds": d.segment_seconds,
+        "metrics": metrics,
+        "codec": base.codec_info,
+        "base_file": base.source,
+        "data": {"source": str(d.root) + (f" (synthetic band, seed {d.synth.seed})" if d.synth else ""),
+                 "train_songs": len(trainer.train_data.songs), "valid_songs": len(trainer.valid_data.songs),
+                 "target_stem": d.target_stem},
+        "config": config.model_dump(mode="json"),
+        "command": command or "stage-stack train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+    }
+    path = export_expert(config, lm, base.codec, base.metadata, training, base.text)
+    return path, metrics

@@ -1,0 +1,337 @@
+"""The training recipe: loss falls, phases, dropout, checkpoints, exact resume, export, config errors.
+
+Everything runs on a tiny real pipeline: a few short synthetic songs, the tiny random codec
+from stage_stack.testing, the token cache, and a 2-layer LM of width 32.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stage_stack.errors import StageStackError, TrainingConfigError
+from stage_stack.expert import load_expert, read_metadata, save_codec
+from stage_stack.generation import SamplingParams, generate
+from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights
+from stage_stack.testing import tiny_codec
+from stage_stack.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from stage_stack.training.config import TrainConfig, load_config
+from stage_stack.training.train import Base, Trainer, build_datasets, lr_factors, train
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict:
+    """Songs, a codec file and a token cache shared by the tests (the cache is reused by key)."""
+    root = tmp_path_factory.mktemp("train")
+    save_codec(root / "codec.safetensors", tiny_codec(), id="tiny")
+    return {"root": root}
+
+
+def make_config(shared: dict, run: Path, **overrides) -> TrainConfig:
+    root = shared["root"]
+    data = {"root": str(root / "songs"), "cache": str(root / "cache"), "target_stem": "drums", "n_valid": 1,
+            "synth": {"n_songs": 3, "seed": 0, "duration": 3, "sample_rate": 16000}, "variants": 1,
+            "segment_seconds": 1.0, "context_seconds": [0.5, 1.0], "valid_samples": 8}
+    data.update(overrides.pop("data", {}))
+    schedule = {"max_steps": 8, "embed_only_steps": 2, "unfreeze_ramp_steps": 2}
+    schedule.update(overrides.pop("schedule", {}))
+    config = {
+        "instrument": "drums", "run_dir": str(run), "seed": 0,
+        "base": {"fresh": {"codec": str(root / "codec.safetensors"), "dim": 32, "n_layers": 2, "n_heads": 2,
+                           "ffn_dim": 64}},
+        "data": data, "optim": {"lr": 3e-3}, "schedule": schedule,
+        "export": {"output": str(run / "drums.safetensors"), "license": "MIT"},
+        "batch_size": 4, "eval_every": 4, "log_every": 1, "checkpoint_every": 4, "torch_threads": 1,
+    }
+    config.update(overrides)
+    return TrainConfig.model_validate(config)
+
+
+def losses(history: list[dict]) -> list[float]:
+    return [r["loss"] for r in history if "loss" in r]
+
+
+@pytest.mark.slow
+def test_tiny_expert_learns_and_exports(shared, tmp_path):
+    config = make_config(shared, tmp_path / "run", schedule={"max_steps": 24, "embed_only_steps": 2,
+                                                              "unfreeze_ramp_steps": 2})
+    result = train(config, progress=False, command="stage-stack train tiny.yaml")
+    steps = losses(result.history)
+    assert len(steps) == 24
+    # ln(16) = 2.77 for a uniform guess over the 16 codes; the model must do clearly better.
+    assert steps[0] > 2.6
+    assert sum(steps[-4:]) / 4 < sum(steps[:4]) / 4 - 0.5
+    val = [r["val_loss"] for r in result.history if "val_loss" in r]
+    assert val[-1] < val[0] - 0.3
+
+    # The exported expert loads, generates, and carries its card.
+    expert = load_expert(result.output)
+    meta = expert.metadata
+    assert meta.instrument == "drums" and meta.license == "MIT" and meta.codec.embedded
+    assert meta.training["steps"] == 24 and meta.training["metrics"]["val_loss"] == pytest.approx(val[-1], abs=1e-4)
+    assert "## Training data" in meta.model_card and "stage-stack train tiny.yaml" in meta.model_card
+    assert Path(result.output).with_suffix(".md").read_text() == meta.model_card
+    for emb in expert.lm.embeddings:  # PAD rows stayed exactly zero through training
+        assert torch.count_nonzero(emb.weight[expert.lm.config.pad_token]) == 0
+    context = torch.randint(0, 16, (1, 2, 50))
+    codes = generate(expert.lm, context, 20, params=SamplingParams(top_k=5), seed=0)
+    assert codes.shape == (1, 2, 20) and int(codes.max()) < 16
+
+
+def test_resume_continues_exactly(shared, tmp_path):
+    """Ctrl-C after step 3, resume to step 8 == one run of 8 steps: same losses, weights, optimizer."""
+    straight = train(make_config(shared, tmp_path / "a"), progress=False, export=False)
+
+    config_b = make_config(shared, tmp_path / "b")
+
+    def interrupt(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config_b, progress=False, export=False, callback=interrupt)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000003.pt"
+    with pytest.raises(StageStackError, match="--resume"):  # never restarted over silently
+        train(config_b, progress=False, export=False)
+    resumed = train(config_b, resume=True, progress=False, export=False)
+
+    assert losses(resumed.history) == losses(straight.history)  # exact, not approximate
+    assert [r for r in resumed.history if "val_loss" in r] == [r for r in straight.history if "val_loss" in r]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert a["step"] == b["step"] == 8 and a["position"] == b["position"] == 8 * 4
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for pid, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 8
+    assert len(list_checkpoints(tmp_path / "b")) <= 2  # keep_checkpoints
+
+
+def test_resume_refuses_a_changed_config(shared, tmp_path):
+    train(make_config(shared, tmp_path / "run"), progress=False, export=False, stop_after=1)
+    changed = make_config(shared, tmp_path / "run", optim={"lr": 1e-2})
+    with pytest.raises(TrainingConfigError, match=r"'optim.lr' is 0.01 but the run was started with 0.003"):
+        train(changed, resume=True, progress=False, export=False)
+    # Changing only how long to train is allowed.
+    longer = make_config(shared, tmp_path / "run", schedule={"max_steps": 3})
+    assert train(longer, resume=True, progress=False, export=False).step == 3
+
+
+def test_resume_accepts_a_retrained_decoder_but_not_another_encoder(shared, tmp_path):
+    train(make_config(shared, tmp_path / "run"), progress=False, export=False, stop_after=1)
+    for part, allowed in (("decoder.", True), ("encoder.", False)):
+        codec = tiny_codec()
+        with torch.no_grad():
+            for name, p in codec.model.named_parameters():
+                if name.startswith(part):
+                    p.add_(0.01)
+        path = save_codec(tmp_path / f"{part}safetensors", codec)
+        config = make_config(shared, tmp_path / "run", schedule={"max_steps": 2})
+        config.base.fresh.codec = path
+        if allowed:  # same codes: the run continues (and would embed the new decoder)
+            assert train(config, resume=True, progress=False, export=False).step == 2
+        else:
+            with pytest.raises(TrainingConfigError, match="encodes differently"):
+                train(config, resume=True, progress=False, export=False)
+
+
+def test_phase_one_trains_only_embeddings(shared, tmp_path):
+    config = make_config(shared, tmp_path / "run", schedule={"max_steps": 3, "embed_only_steps": 3})
+    before = {k: v.clone() for k, v in _fresh_lm(config).state_dict().items()}
+    train(config, progress=False, export=False)
+    after = load_checkpoint(latest_checkpoint(tmp_path / "run"))["model"]
+    for name, tensor in after.items():
+        if name.startswith("embeddings."):
+            assert not torch.equal(tensor, before[name]), f"{name} did not train in phase 1"
+            assert torch.count_nonzero(tensor[16]) == 0  # PAD row (card 16) stays zero
+            assert not torch.equal(tensor[17], before[name][17])  # the SEP row learns
+        else:
+            assert torch.equal(tensor, before[name]), f"{name} changed during phase 1"
+
+
+def _fresh_lm(config: TrainConfig) -> StageLM:
+    f = config.base.fresh
+    cfg = StageLMConfig(dim=f.dim, n_layers=f.n_layers, n_heads=f.n_heads, ffn_dim=f.ffn_dim, card=16, n_q=2,
+                        cross_attention=False)
+    return init_weights(StageLM(cfg), seed=f.init_seed)
+
+
+def test_lr_schedule_two_phases(shared, tmp_path):
+    config = make_config(shared, tmp_path, schedule={"max_steps": 100, "embed_only_steps": 10,
+                                                      "embed_lr_boost": 1.5, "unfreeze_ramp_steps": 4,
+                                                      "min_lr_ratio": 0.1})
+    embeddings, rest = lr_factors(config)
+    assert [embeddings(s) for s in (0, 5, 10)] == pytest.approx([2.5, 1.75, 1.0])  # upstream's 1 + 1.5 (1 - s/P)
+    assert [rest(s) for s in (0, 9, 10, 11, 13, 14)] == pytest.approx([0, 0, 0.25, 0.5, 1.0, 1.0])
+    assert embeddings(100) == pytest.approx(0.1) and rest(100) == pytest.approx(0.1)  # cosine floor
+    assert rest(57) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half way through the decay
+
+
+class SpyText:
+    """Stands in for the frozen T5 (models.text.TextConditioner.encode's contract): records the
+    texts it is given and returns one hidden vector per word."""
+
+    dim = 8
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    def to(self, device):
+        return self
+
+    def encode(self, texts, word_dropout=0.0, rng=None):
+        rng = rng or random.Random(0)
+        texts = [" ".join(w for w in t.split(" ") if rng.random() >= word_dropout) for t in texts]
+        self.seen.append(texts)
+        length = max(1, max(len(t.split()) for t in texts))
+        mask = torch.tensor([[i < len(t.split()) for i in range(length)] for t in texts])
+        return torch.ones(len(texts), length, self.dim), mask
+
+
+def test_context_and_text_dropout(shared, tmp_path):
+    from accelerate import Accelerator
+
+    config = make_config(shared, tmp_path, dropout={"context": 0.5, "text": 0.5, "words": 0.0})
+    lm = init_weights(StageLM(StageLMConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, card=16, n_q=2,
+                                            cross_attention=True, text_dim=8)), seed=0)
+    codec = tiny_codec()
+    train_data, valid_data = build_datasets(config, codec)
+    spy = SpyText()
+    trainer = Trainer(config, Base(lm, codec, None, spy), train_data, valid_data, Accelerator(cpu=True))
+    dropped_text = kept_text = 0
+    for step in range(20):
+        trainer.step = step
+        batch = trainer._micro_batch(0)
+        memory, mask = trainer.text_memory(batch["description"], train=True)
+        empty = ~mask.any(dim=1)
+        dropped_text += int(empty.sum())
+        kept_text += int((~empty).sum())
+        assert torch.all(memory[empty] == 0)  # dropped rows give the null condition
+    assert 25 <= dropped_text <= 55 and dropped_text + kept_text == 80  # p = 0.5 of 80 rows
+    # The same (step, micro-batch) always draws the same dropout: nothing to save for resume.
+    trainer.step = 3
+    first = trainer.text_memory(["a b c"] * 8, train=True)[1]
+    assert torch.equal(first, trainer.text_memory(["a b c"] * 8, train=True)[1])
+    # Validation never drops text.
+    assert trainer.text_memory(["a b c"] * 8, train=False)[1].all()
+
+
+def test_config_errors_name_file_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("instrument: drums\nrun_dir: r\nbase: {fresh: {codec: c.safetensors, dim: 30, n_heads: 4}}\n"
+                    "data: {root: d, cache: c, target_stem: drums}\nschedule: {max_steps: 10}\n"
+                    "export: {output: o.safetensors}\noptim: {lr: -1, betass: [0.9, 0.95]}\n")
+    with pytest.raises(TrainingConfigError) as err:
+        load_config(path, TrainConfig)
+    text = str(err.value)
+    assert str(path) in text
+    assert "field 'optim.lr'" in text and "greater than 0" in text
+    assert "field 'optim.betass': unknown field" in text
+    assert "field 'base.fresh'" in text and "divisible by n_heads" in text
+
+    path.write_text("instrument: [unclosed\n")
+    with pytest.raises(TrainingConfigError, match="not valid YAML"):
+        load_config(path, TrainConfig)
+    with pytest.raises(TrainingConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml", TrainConfig)
+    path.write_text("- a list\n")
+    with pytest.raises(TrainingConfigError, match="expected a mapping"):
+        load_config(path, TrainConfig)
+
+
+def test_shipped_configs_validate():
+    from stage_stack.training.config import CodecTrainConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("drums", "bass", "keys"):
+        config = load_config(configs / f"demo-{name}.yaml", TrainConfig)
+        assert config.instrument == name and config.data.target_stem == name
+        assert config.export.output == Path(f"instruments/weights/{name}.safetensors")
+    assert load_config(configs / "demo-codec.yaml", CodecTrainConfig).codec_config.frame_rate == 25
+
+
+def test_existing_run_dir_is_never_overwritten(shared, tmp_path):
+    config = make_config(shared, tmp_path / "run")
+    train(config, progress=False, export=False, stop_after=1)
+    before = latest_checkpoint(tmp_path / "run").read_bytes()
+    with pytest.raises(StageStackError, match="already holds checkpoints"):
+        train(config, progress=False)
+    assert latest_checkpoint(tmp_path / "run").read_bytes() == before
+
+
+def test_metadata_records_training(shared, tmp_path):
+    config = make_config(shared, tmp_path / "run", schedule={"max_steps": 2, "embed_only_steps": 1,
+                                                              "unfreeze_ramp_steps": 0})
+    result = train(config, progress=False, command="cmd")
+    meta = read_metadata(result.output)
+    assert meta.training["data"]["train_songs"] == 2 and meta.training["data"]["valid_songs"] == 1
+    assert meta.training["codec"]["file"].endswith("codec.safetensors")
+    assert json.loads(json.dumps(meta.training["config"]))["schedule"]["max_steps"] == 2
+    assert meta.base_model.startswith("none: a fresh StageLM")
+
+
+@pytest.mark.slow
+def test_demo_command_writes_stems_and_mix(tmp_path, monkeypatch):
+    """`stage-stack demo` chains drums -> bass -> keys (here on tiny random experts)."""
+    import soundfile as sf
+    from click.testing import CliRunner
+
+    import stage_stack.instruments as instruments
+    from stage_stack.cli import cli
+    from stage_stack.testing import make_tiny_expert
+
+    for seed, name in enumerate(("drums", "bass", "keys")):
+        make_tiny_expert(tmp_path / "weights" / f"{name}.safetensors", instrument=name, seed=seed)
+    monkeypatch.setattr(instruments, "WEIGHTS_DIR", tmp_path / "weights")
+    from stage_stack.cli import train as _  # noqa: F401  (registers the commands)
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["demo", "-o", str(out), "--duration", "1"])
+    assert result.exit_code == 0, result.output
+    for name in ("drums", "bass", "keys"):
+        audio, rate = sf.read(out / "stems" / f"{name}.wav")
+        assert rate == 16000 and len(audio) == 16000 and np.abs(audio).max() > 0
+    mix, _ = sf.read(out / "mix.wav")
+    assert len(mix) == 16000 and np.abs(mix).max() > 0
+
+
+def test_demo_command_explains_missing_weights(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import stage_stack.instruments as instruments
+    from stage_stack.cli import cli
+    from stage_stack.cli import train as _  # noqa: F401
+
+    monkeypatch.setattr(instruments, "WEIGHTS_DIR", tmp_path / "nothing")
+    result = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "demo experts are missing" in result.output and "configs/demo-" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundled_demo_experts():
+    """The shipped weights: right instruments, one codec, a model card each, within 60 MB."""
+    from stage_stack.instruments import WEIGHTS_DIR
+
+    total = 0
+    codecs = set()
+    for name in ("drums", "bass", "keys"):
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        meta = read_metadata(path)
+        total += path.stat().st_size
+        assert meta.instrument == name and meta.license == "MIT" and meta.codec.embedded
+        assert meta.training["max_target_seconds"] > 0 and meta.training["metrics"]["val_loss"] > 0
+        codecs.add(json.dumps(meta.codec_config, sort_keys=True))
+        card = path.with_suffix(".md").read_text()
+        assert card == meta.model_card
+        for section in ("license", "base model", "## Training data", "## Metrics", "## Reproduce"):
+            assert section in card
+        assert f"configs/demo-{name}.yaml" in card
+    assert len(codecs) == 1  # one codec: the experts can hear each other's stems
+    assert total < 60e6
