@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .arranger import Arranger, Layer, Song
 from .errors import InputError
-from .manifest import LayerSpec, atomic_write_text
+from .atomic import atomic_write_text
+from .manifest import LayerSpec
 from .mixing import ClickMode
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .atomic import atomic_write_text
 from .errors import ArrangementError
 from .generation import SamplingParams
 from .longform import WindowPlan
@@ -263,18 +263,4 @@ class Manifest(_Model):
             raise ArrangementError(f"{path}: invalid arrangement manifest:\n{fields}") from None
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write via a temp file in the same directory + fsync + rename: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+

@@ -43,7 +43,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 from importlib import resources
@@ -54,6 +53,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from . import paths
+from .atomic import atomic_path, atomic_write_text
 from .errors import (ExpertFormatError, ExpertNotInstalledError, IncompatibleExpertError, InstrumentConflictError,
                      IntegrityError, RegistryConfigError, StageStackError, UnknownInstrumentError)
 from .plugins import Plugins, get_plugins
@@ -334,31 +334,12 @@ class InstalledIndex(BaseModel):
                                       "Move it aside and reinstall the experts with `stage-stack install`.") from None
 
     def write(self) -> None:
-        _atomic_write_text(paths.experts_dir() / INSTALLED_INDEX, self.model_dump_json(indent=2) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_text(paths.experts_dir() / INSTALLED_INDEX, self.model_dump_json(indent=2) + "\n")
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def local_file(path_or_url: str | os.PathLike) -> Path:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import tempfile
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..atomic import atomic_write_text
 from ..audio import click_track, resample
 from .data import (EXCLUDED_STEMS, BadSong, DatasetError, PairInfo, SongSource, StemDataset, augment,
                    draw_augmentation, read_stem, require_pedalboard, scan_songs)
@@ -134,13 +134,6 @@ def encode(codec, audio: np.ndarray, chunk_seconds: float = 30.0, batch_size: in
     return np.concatenate(rows)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _song_rng(seed: int, song_id: str, stream: int) -> np.random.Generator:
     """Draws for one song that do not depend on which other songs the folder holds."""
     return np.random.default_rng([seed, zlib.crc32(song_id.encode()), stream])
@@ -183,7 +176,7 @@ def pretokenize(source: str | os.PathLike | StemDataset, codec, out_dir: str | o
     def write_index(keep) -> None:
         index.entries = sorted((e for key, e in entries.items() if keep(key)), key=lambda e: (e.song_id, e.variant))
         index.skipped = dict(skipped)
-        _atomic_write_text(out_dir / INDEX_FILE, index.model_dump_json(indent=1))
+        atomic_write_text(out_dir / INDEX_FILE, index.model_dump_json(indent=1))
 
     iterator = songs
     if progress:
