@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import cli
+from . import cli, user_errors
 
 
 def _logging(verbose: bool) -> None:
@@ -15,26 +15,20 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _fail(e: Exception) -> None:
-    raise click.ClickException(str(e)) from None
-
-
 @cli.command("train-codec")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in the config's run_dir from its newest checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 @click.option("-v", "--verbose", is_flag=True, help="Log losses and metrics.")
+@user_errors
 def train_codec_command(config: Path, resume: bool, no_progress: bool, verbose: bool) -> None:
     """Train a small EnCodec on a multi-stem dataset (see configs/demo-codec.yaml)."""
-    from ..errors import StageStackError
     from ..training.codec_train import train_codec
     from ..training.config import CodecTrainConfig, load_config
 
     _logging(verbose)
     try:
         result = train_codec(load_config(config, CodecTrainConfig), resume=resume, progress=not no_progress)
-    except StageStackError as e:
-        _fail(e)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; the last step was checkpointed: rerun with --resume") from None
     if result.output is None:
@@ -50,13 +44,13 @@ def train_codec_command(config: Path, resume: bool, no_progress: bool, verbose: 
 @click.option("--resume", is_flag=True, help="Continue the run in the config's run_dir from its newest checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every logged step.")
+@user_errors
 def train_command(config: Path, resume: bool, no_progress: bool, verbose: bool) -> None:
     """Train an expert with the STAGE recipe (see configs/demo-drums.yaml).
 
     Runs on the CPU or a GPU; for several GPUs start it with
     `accelerate launch -m stage_stack train CONFIG.yaml`.
     """
-    from ..errors import StageStackError
     from ..training.config import TrainConfig, load_config
     from ..training.train import train
 
@@ -64,8 +58,6 @@ def train_command(config: Path, resume: bool, no_progress: bool, verbose: bool) 
     try:
         result = train(load_config(config, TrainConfig), resume=resume, progress=not no_progress,
                        command=f"stage-stack train {config}")
-    except StageStackError as e:
-        _fail(e)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; the last completed step was checkpointed: rerun with --resume") from None
     if result.output is None:
@@ -82,10 +74,10 @@ def train_command(config: Path, resume: bool, no_progress: bool, verbose: bool) 
 @click.option("--bpm", type=float, default=120.0, show_default=True, help="Tempo of the click the drums follow.")
 @click.option("--duration", type=float, default=12.0, show_default=True, help="Seconds.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
 def demo_command(out: Path, bpm: float, duration: float, seed: int) -> None:
     """Drums from a click, then bass, then keys, with the bundled demo experts (offline)."""
     from ..arranger import Arranger
-    from ..errors import StageStackError
     from ..instruments import WEIGHTS_DIR
 
     layers = ["drums", "bass", "keys"]
@@ -95,11 +87,8 @@ def demo_command(out: Path, bpm: float, duration: float, seed: int) -> None:
         raise click.ClickException(f"the bundled demo experts are missing ({', '.join(missing)}); they ship in the "
                                    "repository's instruments/weights/. Reinstall stage-stack from the repository, "
                                    "or retrain them with configs/demo-*.yaml (see instruments/weights/*.md)")
-    try:
-        # The drums hear the click (the first layer of a song without context always does);
-        # bass and keys hear the mix so far, as in training.
-        arranger = Arranger(experts=experts, click="none")
-        song = arranger.arrange(layers, bpm=bpm, duration=duration, seed=seed, out=out)
-    except StageStackError as e:
-        _fail(e)
+    # The drums hear the click (the first layer of a song without context always does);
+    # bass and keys hear the mix so far, as in training.
+    arranger = Arranger(experts=experts, click="none")
+    song = arranger.arrange(layers, bpm=bpm, duration=duration, seed=seed, out=out)
     click.echo(f"wrote {out}: " + ", ".join(f"stems/{name}.wav" for name in song.layers) + ", mix.wav")
