@@ -333,15 +333,19 @@ def codec_search_dirs(extra: list[str | os.PathLike] = ()) -> list[Path]:
 def resolve_codec_file(ref: WeightsRef, expert_path: Path, search: list[str | os.PathLike] = ()) -> Path:
     """Find a referenced codec file beside the expert or in the codec directories; verify sha256."""
     dirs = [expert_path.parent] + codec_search_dirs(search)
+    mismatched: list[str] = []  # same-named files with other weights: a later directory may still hold the right one
     for d in dirs:
         for name in (ref.filename, f"{ref.sha256}.safetensors"):
             candidate = d / name
             if candidate.is_file():
                 digest = sha256_file(candidate)
-                if digest != ref.sha256:
-                    raise IntegrityError(f"{candidate}: sha256 is {digest}, but {expert_path.name} expects "
-                                         f"{ref.sha256} for codec {ref.id or ref.filename}. Replace the file.")
-                return candidate
+                if digest == ref.sha256:
+                    return candidate
+                mismatched.append(f"{candidate} (sha256 {digest})")
+    if mismatched:
+        raise IntegrityError(f"{expert_path.name} expects sha256 {ref.sha256} for codec {ref.id or ref.filename}, "
+                             f"but found only: {'; '.join(mismatched)}. Replace the file, or install the right one "
+                             f"with `stage-stack install-codec PATH/{ref.filename}`.")
     where = ", ".join(str(d) for d in dirs)
     raise ExpertFormatError(f"{expert_path}: its codec {ref.id or ''} ({ref.filename}, sha256 {ref.sha256[:12]}…) "
                             f"was not found in: {where}. Install it with "

@@ -163,6 +163,21 @@ def test_referenced_codec_is_resolved_and_verified(tmp_path):
         load_expert(path, codec_dirs=[tmp_path / "codecs"])
 
 
+def test_a_wrong_codec_beside_the_expert_does_not_hide_the_right_one(tmp_path):
+    codec = tiny_codec(seed=5)
+    right = save_codec(tmp_path / "codecs" / "tiny_codec.safetensors", codec, id="tiny")
+    wrong = save_codec(tmp_path / "tiny_codec.safetensors", tiny_codec(seed=6), id="tiny")  # beside the expert
+    ref = WeightsRef(embedded=False, id="tiny", filename="tiny_codec.safetensors", sha256=sha256_file(right))
+    path = save_expert(tmp_path / "bass.safetensors", expert_metadata("bass", TINY_LM, TINY_CODEC, codec=ref),
+                       tiny_lm())
+    loaded = load_expert(path, codec_dirs=[tmp_path / "codecs"])
+    for name, value in codec.model.state_dict().items():
+        assert torch.equal(loaded.codec.model.state_dict()[name], value)
+    # With only the wrong one around, the error names it and its digest.
+    with pytest.raises(IntegrityError, match=f"found only: {wrong}"):
+        load_expert(path)
+
+
 def test_weights_ref_validation():
     with pytest.raises(ValueError, match="filename"):
         WeightsRef(embedded=False, id="x")

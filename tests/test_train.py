@@ -222,6 +222,33 @@ def test_context_and_text_dropout(shared, tmp_path):
     assert trainer.text_memory(["a b c"] * 8, train=False)[1].all()
 
 
+def test_validation_measures_what_the_click_timing_is_worth(shared, tmp_path):
+    from accelerate import Accelerator
+
+    from stage_stack.training.train import CLICK_SHIFT_SECONDS
+
+    config = make_config(shared, tmp_path, data={"click_prob": 1.0})
+    lm = init_weights(StageLM(StageLMConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, card=16, n_q=2)), seed=0)
+    codec = tiny_codec()
+    train_data, valid_data = build_datasets(config, codec)
+    trainer = Trainer(config, Base(lm, codec, None, None), train_data, valid_data, Accelerator(cpu=True))
+    metrics = trainer.validate()
+    assert set(metrics) == {"val_loss", "val_loss_click", "val_loss_no_context", "val_loss_click_shifted"}
+    # The shifted loss is the loss of the same pairs with each click context rolled late.
+    shift = round(CLICK_SHIFT_SECONDS * valid_data.frame_rate)
+    late_total = on_time_total = count = 0
+    with torch.no_grad():
+        for batch in trainer.valid_batches["click"]:
+            late = dict(batch, context=[torch.roll(c, shift, dims=-1) for c in batch["context"]])
+            n = batch["target"].shape[0]
+            late_total += trainer.loss(late, train=False).item() * n
+            on_time_total += trainer.loss(batch, train=False).item() * n
+            count += n
+    assert metrics["val_loss_click_shifted"] == pytest.approx(late_total / count, abs=1e-5)
+    assert metrics["val_loss_click"] == pytest.approx(on_time_total / count, abs=1e-5)
+    assert late_total != on_time_total  # the shift reaches the model
+
+
 def test_config_errors_name_file_and_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("instrument: drums\nrun_dir: r\nbase: {fresh: {codec: c.safetensors, dim: 30, n_heads: 4}}\n"

@@ -74,10 +74,12 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
         "## Metrics",
         "",
         "Cross-entropy in nats per token, mean over codebooks, on the validation pairs (`val_loss_no_context` "
-        "drops every context: its gap to `val_loss` is what the context is worth):",
+        "drops every context: its gap to `val_loss` is what the context is worth; `val_loss_click_shifted` "
+        "plays the click contexts 0.25 s late: its gap to `val_loss_click` is what the click's timing is worth):",
         "",
     ]
-    for key in ("train_loss", "val_loss", "val_loss_click", "val_loss_stems", "val_loss_no_context"):
+    for key in ("train_loss", "val_loss", "val_loss_click", "val_loss_click_shifted", "val_loss_stems",
+                "val_loss_no_context"):
         if key in metrics:
             lines.append(f"- {key}: {_fmt(metrics[key])}")
     if codec_info.get("metrics"):

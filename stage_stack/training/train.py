@@ -220,6 +220,9 @@ def check_resumable(state: dict, config: TrainConfig, codes_fingerprint: str) ->
 
 # -- the trainer -------------------------------------------------------------------------------
 
+CLICK_SHIFT_SECONDS = 0.25  # validation: how far `val_loss_click_shifted` moves the click
+
+
 class Trainer:
     """One training run: owns the accelerator, the model, the optimizer and the data position."""
 
@@ -374,6 +377,14 @@ class Trainer:
                     for k in (key, f"val_loss_{kind}") if not dropped else (key,):
                         sums[k] = sums.get(k, 0.0) + loss * n
                         counts[k] = counts.get(k, 0) + n
+                if kind == "click":
+                    # The same clicks, late by a quarter of a second: an expert that follows the
+                    # click's timing loses here; one that only hears "a click is playing" does not.
+                    shift = max(1, round(CLICK_SHIFT_SECONDS * self.valid_data.frame_rate))
+                    late = dict(batch, context=[torch.roll(c, shift, dims=-1) for c in batch["context"]])
+                    k = "val_loss_click_shifted"
+                    sums[k] = sums.get(k, 0.0) + self.loss(late, train=False).item() * n
+                    counts[k] = counts.get(k, 0) + n
         self.model.train()
         return {k: round(sums[k] / counts[k], 5) for k in sums}
 
