@@ -29,6 +29,7 @@ from _common import machine_info, write_json  # noqa: E402
 from stage_stack.expert import load_expert  # noqa: E402
 from stage_stack.layout import TokenLayout  # noqa: E402
 from stage_stack.training.token_cache import TokenPairDataset, collate_token_pairs  # noqa: E402
+from stage_stack.training.train import CLICK_SHIFT_SECONDS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cache", type=Path, help="a token cache folder (with index.json) of held-out songs")
     parser.add_argument("--kind", choices=["click", "stems"], default="stems", help="context kind of the pairs")
     parser.add_argument("--pairs", type=int, default=96)
-    parser.add_argument("--late", type=float, default=0.25, help="seconds the 'late' context is moved")
+    parser.add_argument("--late", type=float, default=CLICK_SHIFT_SECONDS,
+                        help="seconds the 'late' context is moved (default: as validation's val_loss_click_shifted)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="window length (default: the expert's training window)")
     parser.add_argument("--seed", type=int, default=123)

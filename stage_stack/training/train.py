@@ -365,26 +365,28 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation losses: all pairs, per context kind, and with the context dropped."""
+        """Validation losses: all pairs, per context kind, with the context dropped, and (click
+        pairs) with the click late by CLICK_SHIFT_SECONDS: an expert that follows the click's
+        timing loses there; one that only hears "a click is playing" does not."""
         self.model.eval()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        shift = max(1, round(CLICK_SHIFT_SECONDS * self.valid_data.frame_rate))
+
+        def add(keys: tuple[str, ...], batch: dict, **kwargs) -> None:
+            n = batch["target"].shape[0]
+            loss = self.loss(batch, train=False, **kwargs).item()
+            for k in keys:
+                sums[k] = sums.get(k, 0.0) + loss * n
+                counts[k] = counts.get(k, 0) + n
+
         for kind, batches in self.valid_batches.items():
             for batch in batches:
-                n = batch["target"].shape[0]
-                for key, dropped in (("val_loss", False), ("val_loss_no_context", True)):
-                    loss = self.loss(batch, train=False, drop_all_context=dropped).item()
-                    for k in (key, f"val_loss_{kind}") if not dropped else (key,):
-                        sums[k] = sums.get(k, 0.0) + loss * n
-                        counts[k] = counts.get(k, 0) + n
+                add(("val_loss", f"val_loss_{kind}"), batch)
+                add(("val_loss_no_context",), batch, drop_all_context=True)
                 if kind == "click":
-                    # The same clicks, late by a quarter of a second: an expert that follows the
-                    # click's timing loses here; one that only hears "a click is playing" does not.
-                    shift = max(1, round(CLICK_SHIFT_SECONDS * self.valid_data.frame_rate))
                     late = dict(batch, context=[torch.roll(c, shift, dims=-1) for c in batch["context"]])
-                    k = "val_loss_click_shifted"
-                    sums[k] = sums.get(k, 0.0) + self.loss(late, train=False).item() * n
-                    counts[k] = counts.get(k, 0) + n
+                    add(("val_loss_click_shifted",), late)
         self.model.train()
         return {k: round(sums[k] / counts[k], 5) for k in sums}
 
