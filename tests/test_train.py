@@ -113,6 +113,21 @@ def test_resume_continues_exactly(shared, tmp_path):
     assert len(list_checkpoints(tmp_path / "b")) <= 2  # keep_checkpoints
 
 
+def test_resuming_a_finished_run_exports_it_again(shared, tmp_path):
+    """The way to refresh a model card (export section edited) without training again."""
+    config = make_config(shared, tmp_path / "run", export={"output": str(tmp_path / "run" / "drums.safetensors"),
+                                                           "description": "first"})
+    first = train(config, progress=False)
+    weights = {k: v.clone() for k, v in load_expert(first.output).lm.state_dict().items()}
+    config.export.description = "second"
+    again = train(config, resume=True, progress=False)
+    assert again.step == 8 and len(losses(again.history)) == 8  # no step was trained twice
+    meta = read_metadata(again.output)
+    assert meta.description == "second" and "second" in Path(again.output).with_suffix(".md").read_text()
+    for name, tensor in load_expert(again.output).lm.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+
+
 def test_resume_refuses_a_changed_config(shared, tmp_path):
     train(make_config(shared, tmp_path / "run"), progress=False, export=False, stop_after=1)
     changed = make_config(shared, tmp_path / "run", optim={"lr": 1e-2})

@@ -41,7 +41,8 @@ def train_codec_command(config: Path, resume: bool, no_progress: bool, verbose: 
 
 @cli.command("train")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--resume", is_flag=True, help="Continue the run in the config's run_dir from its newest checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in the config's run_dir from its newest checkpoint "
+              "(a finished run is exported again: the way to refresh its model card after editing `export`).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every logged step.")
 @user_errors
