@@ -218,6 +218,12 @@ class Arrangement:
     def read_manifest(self) -> Manifest:
         return Manifest.load(self.manifest_path)
 
+    def holds_another(self, other: Manifest, how: str, commands: str) -> InputError:
+        """The error for an output directory that holds an arrangement this one must not overwrite."""
+        return InputError(f"{self.path} already holds another arrangement ({', '.join(other.layer_names) or 'no layers'}"
+                          f", created {other.created:%Y-%m-%d %H:%M}){how}. Choose another output directory, or "
+                          f"{commands} {self.path}`")
+
     def check_new(self, arrangement_id: str) -> None:
         """Refuse a directory that holds another arrangement, or files an arrangement would overwrite."""
         if self.path.exists() and not self.path.is_dir():
@@ -225,10 +231,7 @@ class Arrangement:
         if self.exists():
             other = self.read_manifest()
             if other.arrangement_id != arrangement_id:
-                raise InputError(
-                    f"{self.path} already holds another arrangement ({', '.join(other.layer_names) or 'no layers'}, "
-                    f"created {other.created:%Y-%m-%d %H:%M}). Choose another output directory, or work on that "
-                    f"one with `stage-stack add/redo/show {self.path}`")
+                raise self.holds_another(other, "", "work on that one with `stage-stack add/redo/show")
             return
         clashes = [rel for rel in self._owned_files() if rel != MANIFEST_NAME]
         if clashes:
@@ -752,10 +755,8 @@ class Arranger:
             if store.exists():
                 existing = store.read_manifest()
                 if existing.request != request:
-                    raise InputError(
-                        f"{store.path} already holds another arrangement ({', '.join(existing.layer_names) or 'no layers'}"
-                        f", created {existing.created:%Y-%m-%d %H:%M}) made with different settings. Choose another "
-                        f"output directory, or change that one with `stage-stack add/redo/remove {store.path}`")
+                    raise store.holds_another(existing, " made with different settings",
+                                              "change that one with `stage-stack add/redo/remove")
             else:
                 store.check_new(arrangement_id="")
         return ArrangePlan(layers, ctx, bpm, bpm_source, duration, seed, song_click, rate, request, store)
