@@ -97,12 +97,21 @@ class TokenLayout:
         context: list[torch.Tensor] | torch.Tensor,
         target: torch.Tensor,
         drop_context: torch.Tensor | None = None,
+        drop_history: torch.Tensor | None = None,
     ) -> TrainingBatch:
-        """Sequence, masks and targets for teacher forcing; `drop_context` [B] bool -> PAD context."""
+        """Sequence, masks and targets for teacher forcing; `drop_context` [B] bool -> PAD context.
+
+        `drop_history` [B] bool -> PAD in place of those rows' target frames in the *input*
+        (still attended, and still the labels): the LM must predict them without its own past.
+        """
         context = self.left_pad(context).clone()
         if drop_context is not None:
             context[drop_context.to(torch.bool)] = self.pad
-        frames = self.frames(context, target)
+        given = target
+        if drop_history is not None:
+            given = target.clone()
+            given[drop_history.to(torch.bool)] = self.pad
+        frames = self.frames(context, given)
         N = frames.shape[-1]
         seq = self.interleave(frames, steps=N + 1)
         final_mask, attention_mask = self.masks(seq, N, context.shape[-1])

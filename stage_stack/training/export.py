@@ -70,6 +70,10 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
         f"text projection; phase 2: everything, ramped over {config.schedule.unfreeze_ramp_steps} steps"
         + (f", cosine decay to {config.schedule.min_lr_ratio} x lr" if config.schedule.min_lr_ratio < 1 else ""),
         f"- condition dropout for CFG: context {config.dropout.context}, text {config.dropout.text}",
+        *([f"- alignment aids, not in STAGE's recipe: the target's own past hidden from the input in "
+           f"{config.dropout.history:.0%} of the pairs, the target itself as context in "
+           f"{config.dropout.self_context:.0%} (those copies make `train_loss` lower than `val_loss`)"]
+          if config.dropout.history or config.dropout.self_context else []),
         "",
         "## Metrics",
         "",
@@ -100,8 +104,8 @@ def expert_metadata_for(config: TrainConfig, lm: StageLM, codec: Codec, base: Ex
         codec=base.codec if base is not None else WeightsRef(embedded=True),
         text_encoder=base.text_encoder if base is not None else None,
         text_encoder_id=base.text_encoder_id if base is not None else None,
-        base_model=(f"{base.base_model} ({base.instrument} expert {training.get('base_file', '')})" if base is not None
-                    else "none: a fresh StageLM (random init) trained from scratch"),
+        base_model=(f"the {base.instrument} expert {training.get('base_file', '')} (its base: {base.base_model})"
+                    if base is not None else "none: a fresh StageLM (random init) trained from scratch"),
         license=config.export.license,
         description=config.export.description,
         default_prompt=config.export.default_prompt,

@@ -305,18 +305,33 @@ class Trainer:
         lm = self.accelerator.unwrap_model(self.model)
         return lm.project_text(hidden, mask), mask
 
-    def loss(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False) -> torch.Tensor:
+    def conditioning(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False):
+        """(contexts, drop_context [B], drop_history [B] or None) for one micro-batch.
+
+        Training draws the condition dropout for CFG, and the two alignment aids of the demo
+        recipe (`dropout.history`, `dropout.self_context`, both 0 in STAGE's): each draw is a
+        pure function of (step, micro-batch, process, purpose), like every other draw here.
+        """
         device = self.accelerator.device
         context = [c.to(device) for c in batch["context"]]
-        target = batch["target"].to(device)
-        B = target.shape[0]
+        B = len(context)
         if drop_all_context:
-            drop = torch.ones(B, dtype=torch.bool)
-        elif train:
-            drop = torch.rand(B, generator=self._generator(micro, 0)) < self.config.dropout.context
-        else:
-            drop = None
-        tb = self.layout.training_batch(context, target, drop_context=drop.to(device) if drop is not None else None)
+            return context, torch.ones(B, dtype=torch.bool, device=device), None
+        if not train:
+            return context, torch.zeros(B, dtype=torch.bool, device=device), None
+        dropout = self.config.dropout
+        drop = torch.rand(B, generator=self._generator(micro, 0)) < dropout.context
+        history = torch.rand(B, generator=self._generator(micro, 3)) < dropout.history
+        if dropout.self_context:
+            target = batch["target"].to(device)
+            copy = torch.rand(B, generator=self._generator(micro, 4)) < dropout.self_context
+            context = [target[i, :, : c.shape[-1]] if copy[i] else c for i, c in enumerate(context)]
+        return context, drop.to(device), history.to(device)
+
+    def loss(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False) -> torch.Tensor:
+        context, drop, history = self.conditioning(batch, train, micro, drop_all_context)
+        target = batch["target"].to(self.accelerator.device)
+        tb = self.layout.training_batch(context, target, drop_context=drop, drop_history=history)
         memory, mask = self.text_memory(batch["description"], train, micro)
         with self.accelerator.autocast():
             logits = self.model(tb.codes, tb.attention_mask, memory, mask)
