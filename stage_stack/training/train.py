@@ -306,7 +306,7 @@ class Trainer:
         return lm.project_text(hidden, mask), mask
 
     def conditioning(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False):
-        """(contexts, drop_context [B], drop_history [B] or None) for one micro-batch.
+        """(contexts, drop_context [B] or None, drop_history [B] or None) for one micro-batch.
 
         Training draws the condition dropout for CFG, and the two alignment aids of the demo
         recipe (`dropout.history`, `dropout.self_context`, both 0 in STAGE's): each draw is a
@@ -318,15 +318,17 @@ class Trainer:
         if drop_all_context:
             return context, torch.ones(B, dtype=torch.bool, device=device), None
         if not train:
-            return context, torch.zeros(B, dtype=torch.bool, device=device), None
+            return context, None, None
         dropout = self.config.dropout
         drop = torch.rand(B, generator=self._generator(micro, 0)) < dropout.context
-        history = torch.rand(B, generator=self._generator(micro, 3)) < dropout.history
+        history = None  # off (STAGE's recipe): no draw, and no copy of the targets in training_batch
+        if dropout.history:
+            history = (torch.rand(B, generator=self._generator(micro, 3)) < dropout.history).to(device)
         if dropout.self_context:
             target = batch["target"].to(device)
             copy = torch.rand(B, generator=self._generator(micro, 4)) < dropout.self_context
             context = [target[i, :, : c.shape[-1]] if copy[i] else c for i, c in enumerate(context)]
-        return context, drop.to(device), history.to(device)
+        return context, drop.to(device), history
 
     def loss(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False) -> torch.Tensor:
         context, drop, history = self.conditioning(batch, train, micro, drop_all_context)
