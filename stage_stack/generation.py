@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .layout import UNFILLED, GenerationBatch, TokenLayout
-from .models.stage_lm import StageLM, positions_from_mask
+from .models.stage_lm import StageLM
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 
@@ -87,7 +87,7 @@ def generate(
     b * num_samples + i. With `return_steps`, also returns the guided last-step logits of
     every step ([steps, rows, K, card]) for inspection.
     """
-    layout = TokenLayout.for_card(lm.config.card, lm.config.n_q)
+    layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
     context = context.to(device)
@@ -113,7 +113,7 @@ def generate(
 
     seq = batch.codes.clone()
     S = seq.shape[-1]
-    positions = positions_from_mask(batch.attention_mask)
+    positions = batch.positions
     total = S - batch.start_offset
     cache = lm.new_cache(seq.shape[0], S) if use_cache else None
     steps_logits = []
