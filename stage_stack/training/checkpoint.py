@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +84,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as e:  # truncated file, pickle error, wrong format
         raise StageStackError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}). Delete it to "
                               "resume from the previous one.") from None
+
+
+@contextmanager
+def interrupts_between_steps(announce: bool):
+    """Defer SIGINT to the end of the current step: yields `interrupted()`, true once a Ctrl-C came.
+    A second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread (where signal
+    handlers cannot be set) Ctrl-C is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        if announce:
+            print("\nstopping after this step (Ctrl-C again to stop now, without a checkpoint)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)
