@@ -309,3 +309,108 @@ def test_case08_gain_changes_mark_later_layers_stale_and_reproduce_hears_the_rec
     assert np.array_equal(again.candidates["bass"], song.candidates["bass"])  # bass heard drums at -2 dB
     assert again.manifest.layer("drums").gain_db == -3.0 and again.stale == ["bass"]
     assert case(np.array_equal(again.mix, song.mix))
+
+
+# -- 9. training resumes exactly, wherever the Ctrl-C falls --------------------------------------------
+
+def _train_weights(run: Path) -> dict:
+    import torch
+
+    from stage_stack.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    state = load_checkpoint(latest_checkpoint(run))
+    return {"step": state["step"], "model": state["model"], "exp_avg": {
+        k: v["exp_avg"] for k, v in state["optimizer"]["state"].items()}, "history": state["history"],
+        "torch": torch}
+
+
+def _interrupt_at(monkeypatch, phase: str, signal_it: bool):
+    """Make step 3 (6 for a non-signal KeyboardInterrupt) of a run stop at `phase`."""
+    import signal
+
+    import torch
+
+    from stage_stack.training.train import Trainer
+
+    def stop():
+        if signal_it:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered at the next bytecode
+        else:
+            raise KeyboardInterrupt  # a second Ctrl-C: stops at once, mid-step
+
+    at = 3 if signal_it else 6
+    if phase == "forward":
+        real = Trainer.loss
+
+        def loss(self, batch, train, micro=0, **kw):
+            if train and self.step == at - 1:
+                stop()
+            return real(self, batch, train, micro, **kw)
+        monkeypatch.setattr(Trainer, "loss", loss)
+    elif phase == "after optimizer.step":
+        real_step = torch.optim.lr_scheduler.LambdaLR.step
+
+        def step(self, *a, **kw):
+            if self.last_epoch == at - 1:
+                stop()
+            return real_step(self, *a, **kw)
+        monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    elif phase == "validation":
+        real_validate = Trainer.validate
+
+        def validate(self):
+            if self.step == 4:
+                stop()
+            return real_validate(self)
+        monkeypatch.setattr(Trainer, "validate", validate)
+
+
+@pytest.mark.parametrize("phase,signal_it", [("forward", True), ("after optimizer.step", True),
+                                             ("validation", True), ("after optimizer.step", False)])
+def test_case09_training_resumes_exactly_from_an_interruption_anywhere_in_a_step(tmp_path, monkeypatch, phase,
+                                                                                  signal_it):
+    from test_train import make_config
+
+    from stage_stack.training.train import train
+
+    shared = {"root": _train_root(tmp_path)}
+    train(make_config(shared, tmp_path / "straight"), progress=False, export=False)
+    config = make_config(shared, tmp_path / "run")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, phase, signal_it)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, progress=False, export=False)
+    train(config, resume=True, progress=False, export=False)
+    a, b = _train_weights(tmp_path / "straight"), _train_weights(tmp_path / "run")
+    torch = a["torch"]
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    differ += [k for k in a["exp_avg"] if not torch.equal(a["exp_avg"][k], b["exp_avg"][k])]
+    assert a["step"] == b["step"] == 8 and a["history"] == b["history"]
+    assert case(differ == []), differ
+
+
+def test_case09_resume_without_a_run_says_so(tmp_path):
+    from test_train import make_config
+
+    from stage_stack.training.train import train
+
+    config = make_config({"root": _train_root(tmp_path)}, tmp_path / "never-started")
+    with pytest.raises(StageStackError, match="nothing to resume: .*never-started holds no checkpoints"):
+        train(config, resume=True, progress=False, export=False)
+    assert case(not (tmp_path / "never-started").exists())
+
+
+_TRAIN_ROOT: list[Path] = []
+
+
+def _train_root(tmp_path: Path) -> Path:
+    """The tiny training set-up of tests/test_train.py (codec file; songs and cache made once)."""
+    if not _TRAIN_ROOT:
+        from stage_stack.expert import save_codec
+        from stage_stack.testing import tiny_codec
+
+        root = tmp_path.parent / "reliability-train"
+        root.mkdir(exist_ok=True)
+        save_codec(root / "codec.safetensors", tiny_codec(), id="tiny")
+        _TRAIN_ROOT.append(root)
+    return _TRAIN_ROOT[0]

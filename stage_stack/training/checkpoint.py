@@ -22,6 +22,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import StageStackError
+from ..torchload import load_weights
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -80,10 +81,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickle error, wrong format
-        raise StageStackError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}). Delete it to "
-                              "resume from the previous one.") from None
+        return load_weights(path, "a training checkpoint", map_location)
+    except StageStackError as e:
+        raise StageStackError(f"{e}. Move it aside to resume from the previous checkpoint.") from None
 
 
 @contextmanager

@@ -145,13 +145,14 @@ def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait
                      full_context_prob=d.full_context_prob, click_prob=d.click_prob)
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
-                                 seed=config.seed, **pair_args)
+                                 seed=config.seed, source=d.root, **pair_args)
         valid = TokenPairDataset(train_dir, split="valid", n_valid=d.n_valid, identity_prob=1.0,
-                                 samples_per_epoch=d.valid_samples, seed=config.seed + 1, **pair_args)
+                                 samples_per_epoch=d.valid_samples, seed=config.seed + 1, source=d.root, **pair_args)
     else:
-        train = TokenPairDataset(train_dir, split="all", identity_prob=d.identity_prob, seed=config.seed, **pair_args)
+        train = TokenPairDataset(train_dir, split="all", identity_prob=d.identity_prob, seed=config.seed,
+                                 source=d.root, **pair_args)
         valid = TokenPairDataset(valid_dir, split="all", identity_prob=1.0, samples_per_epoch=d.valid_samples,
-                                 seed=config.seed + 1, **pair_args)
+                                 seed=config.seed + 1, source=d.valid_root, **pair_args)
     return train, valid
 
 
