@@ -394,12 +394,12 @@ def expected_sha256(value: str | None, what: str) -> str | None:
     return digest
 
 
-def source_file(path_or_url: str | os.PathLike, what: str) -> Path:
+def source_file(path_or_url: str | os.PathLike, kind: str, what: str) -> Path:
     """The local file to install from; a directory or a missing file is named as such."""
     src = local_file(path_or_url)
     if src.is_dir():
         found = sorted(p.name for p in src.glob("*.safetensors"))[:5]
-        raise StageStackError(f"{src} is a directory; give the {what} file itself"
+        raise StageStackError(f"{src} is a directory; give the {kind} file itself"
                               + (f", e.g. {src / found[0]} (it holds {', '.join(found)})" if found else
                                  " (it holds no .safetensors file)"))
     if not src.is_file():
@@ -437,7 +437,7 @@ def install_codec(path_or_url: str | os.PathLike, sha256: str | None = None) -> 
     from .errors import CheckpointKeyError
     from .models.codec import Codec, CodecConfig
 
-    src = source_file(path_or_url, "a codec")
+    src = source_file(path_or_url, "codec", "a codec")
     sha256 = expected_sha256(sha256, str(src))
     header, entries = read_header(src)
     header = header or {}
@@ -765,7 +765,7 @@ class Registry:
         from .expert import load_expert, read_metadata, resolve_codec_file, sha256_file
 
         self.instrument(name)
-        src = source_file(path_or_url, f"installing an expert for {name!r}")
+        src = source_file(path_or_url, "expert", f"installing an expert for {name!r}")
         sha256 = expected_sha256(sha256, str(src))
         digest = sha256_file(src)
         if sha256 is not None and digest != sha256:

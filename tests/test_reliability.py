@@ -414,3 +414,215 @@ def _train_root(tmp_path: Path) -> Path:
         save_codec(root / "codec.safetensors", tiny_codec(), id="tiny")
         _TRAIN_ROOT.append(root)
     return _TRAIN_ROOT[0]
+
+
+# -- 3. installed.json: locked, nothing orphaned --------------------------------------------------
+
+def _install_cmd(instrument: str, path: Path) -> list[str]:
+    return [sys.executable, "-m", "stage_stack", "install", instrument, str(path), "--force"]
+
+
+def _index(home: Path) -> dict:
+    return json.loads((home / "experts" / "installed.json").read_text())["experts"]
+
+
+@pytest.mark.slow
+def test_case03_concurrent_installs_keep_every_record_and_no_orphan(band, tmp_path):
+    from stage_stack.testing import make_tiny_expert
+    from arranger_helpers import FAST_CODEC, SHORT_WINDOW
+
+    home = tmp_path / "home"
+    other_drums = make_tiny_expert(tmp_path / "drums2.safetensors", instrument="drums", seed=7, codec_config=FAST_CODEC,
+                                   training=SHORT_WINDOW)
+    jobs = [("drums", band["drums"]), ("bass", band["bass"]), ("keys", band["keys"]), ("drums", other_drums)]
+    env = subprocess_env(STAGE_STACK_HOME=str(home), STAGE_STACK_LOAD_PLUGINS="")
+    procs = [subprocess.Popen(_install_cmd(i, p), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, p in jobs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    index = _index(home)
+    FIGURES["concurrent runs"] += len(jobs)
+    FIGURES["records lost"] += len({"drums", "bass", "keys"} - set(index))
+    assert set(index) == {"drums", "bass", "keys"}
+    copies = sorted(p.relative_to(home / "experts").as_posix() for p in (home / "experts").glob("*/*.safetensors"))
+    assert copies == sorted(record["file"] for record in index.values())  # no orphaned expert file
+    assert case(all((home / "experts" / r["file"]).is_file() for r in index.values()))
+
+
+# -- 10. truncated audio ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["WAV", "MP3"])
+def test_case10_a_file_cut_short_is_reported(tmp_path, fmt):
+    from stage_stack.audio import TruncatedAudioWarning
+    from stage_stack.inputs import read_context_file
+
+    audio = (np.random.default_rng(0).standard_normal(44100 * 4) * 0.1).astype(np.float32)
+    path = tmp_path / f"mix.{fmt.lower()}"
+    try:
+        sf.write(str(path), audio, 44100, format=fmt)
+    except (sf.LibsndfileError, TypeError, ValueError):
+        pytest.skip(f"this libsndfile cannot write {fmt}")
+    whole = read_context_file(path)  # no warning for a whole file
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.warns(TruncatedAudioWarning, match="header says 4.00 s: the file was cut short"):
+        cut = read_context_file(path)
+    assert case(cut.seconds < whole.seconds / 1.5)
+
+
+# -- 11. the sample rate is checked in one place ---------------------------------------------------
+
+@pytest.mark.parametrize("rate", ["1", "0", "-44100"])
+def test_case11_a_bad_sample_rate_is_refused(band, tmp_path, rate):
+    out = tmp_path / "song"
+    result = run("arrange", "--add", "drums", "--duration", 1, "--sample-rate", rate, "-o", out,
+                 *experts(band, "drums"), ok=False)
+    assert result.exit_code == 1 and f"sample rate {rate} Hz is outside 4000-384000 Hz" in result.output
+    assert case(not out.exists() and "Traceback" not in result.output)
+
+
+# -- 12. new-plugin writes valid code whatever the description --------------------------------------
+
+@pytest.mark.parametrize("description", ["x\\", "two\nlines", "quotes ' \" and \"\"\" too"])
+def test_case12_new_plugin_writes_valid_python_for_any_description(tmp_path, description):
+    import ast
+
+    from stage_stack.scaffold import write_plugin
+
+    root = write_plugin("pads", tmp_path, description=description, base_model="a: b\nc")
+    module = root / "stage_stack_pads" / "__init__.py"
+    tree = ast.parse(module.read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == "description"]
+    assert [ast.literal_eval(k.value) for k in calls] == [description]
+    for path in root.rglob("*.py"):
+        compile(path.read_text(), str(path), "exec")
+    import yaml
+
+    front = yaml.safe_load(root.joinpath("README.md").read_text().split("---")[1])
+    assert case(front["base_model"] == "a: b c")
+
+
+def test_case12_an_invalid_scaffold_is_never_written():
+    from stage_stack.scaffold import check_scaffold
+
+    with pytest.raises(StageStackError, match="invalid x/__init__.py"):
+        check_scaffold({"x/__init__.py": "def f(:\n"})
+    case(True)
+
+
+# -- 13. safetensors offsets -------------------------------------------------------------------------
+
+def _overlapping(src: Path, dest: Path) -> Path:
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    tensors = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    (_, first), (_, second) = tensors[0], tensors[1]
+    begin, end = header[second]["data_offsets"]
+    shift = min(4, header[first]["data_offsets"][1] - header[first]["data_offsets"][0])
+    header[second]["data_offsets"] = [begin - shift, end - shift]  # overlaps the first tensor
+    text = json.dumps(header).encode()
+    dest.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    return dest
+
+
+def test_case13_overlapping_offsets_are_refused_before_anything_is_written(band, isolated, tmp_path):
+    bad = _overlapping(band["drums"], tmp_path / "bad.safetensors")
+    out = tmp_path / "song"
+    result = run("arrange", "--add", "drums", "--duration", 1, "-o", out, "--expert", f"drums={bad}", ok=False)
+    assert result.exit_code == 1 and "bad.safetensors: not a valid safetensors file" in result.output
+    assert "overlaps the tensor before it" in result.output and not out.exists()
+    installed = run("install", "drums", bad, ok=False)
+    assert installed.exit_code == 1 and "overlaps" in installed.output and "Traceback" not in installed.output
+    assert case(not (isolated / "home" / "experts" / "installed.json").exists())
+
+
+# -- 14. plugin conflicts are explained ---------------------------------------------------------------
+
+def test_case14_conflicting_plugins_are_named_with_the_fix(isolated, tmp_path):
+    from plugin_helpers import instrument_plugin, write_plugin_file
+
+    plugins = tmp_path / "plugins"
+    write_plugin_file(plugins, "pads_one", instrument_plugin("pads"))
+    write_plugin_file(plugins, "pads_two", instrument_plugin("pads"))
+    write_plugin_file(plugins, "my_drums", instrument_plugin("drums"))
+    for instrument in ("pads", "drums"):
+        result = run("--plugins-dir", plugins, "arrange", "--add", instrument, "-o", tmp_path / "song", ok=False)
+        assert result.exit_code == 1, result.output
+        assert f"instrument {instrument!r} is registered by 2 plugins" in result.output, result.output
+        assert "instruments:" in result.output and "plugin:" in result.output
+        assert "unknown instrument" not in result.output
+    case(True)
+
+
+# -- 15. small errors that were unclear ---------------------------------------------------------------
+
+def test_case15_pick_with_a_negative_candidate(band, tmp_path):
+    out = tmp_path / "song"
+    song_with(band, out, layers=(Layer("drums", candidates=2),))
+    result = run("pick", out, "drums", "-1", ok=False)
+    assert case(result.exit_code == 1 and "has 2 candidate(s), numbered 0 to 1; got -1" in result.output)
+
+
+def test_case15_adding_an_existing_layer_names_the_add_command(band, tmp_path):
+    out = tmp_path / "song"
+    song_with(band, out, layers=("drums",))
+    result = run("add", out, "drums", *experts(band, "drums"), ok=False)
+    assert "--add" not in result.output
+    assert case(result.exit_code == 1 and f"stage-stack add SONG drums2=drums" in result.output)
+
+
+def test_case15_install_sha256_case_and_directories(band, isolated, tmp_path):
+    from stage_stack.expert import sha256_file
+
+    digest = sha256_file(band["drums"]).upper()
+    run("install", "drums", band["drums"], "--sha256", digest, "--force")
+    folder = run("install", "drums", band["drums"].parent, ok=False)
+    assert folder.exit_code == 1 and "is a directory; give the expert file itself" in folder.output
+    assert "drums.safetensors" in folder.output
+    bad = run("install", "drums", band["drums"], "--sha256", "abc", ok=False)
+    assert case(bad.exit_code == 1 and "is not a sha256: expected 64 hex digits" in bad.output)
+
+
+def test_case15_an_empty_data_folder_is_named(tmp_path):
+    from test_train import make_config
+
+    from stage_stack.training.train import train
+
+    empty = tmp_path / "songs"
+    empty.mkdir()
+    config = make_config({"root": _train_root(tmp_path)}, tmp_path / "run",
+                         data={"root": str(empty), "synth": None, "cache": str(tmp_path / "cache")})
+    with pytest.raises(StageStackError) as error:
+        train(config, progress=False, export=False)
+    assert case(str(error.value).startswith(f"{empty}: the training data folder holds no song with a 'drums' stem"))
+
+
+def test_case15_files_are_written_with_the_umask_mode(band, tmp_path):
+    from stage_stack.expert import load_expert, save_expert
+
+    expert = load_expert(band["drums"])
+    old = os.umask(0o022)
+    try:
+        path = save_expert(tmp_path / "x.safetensors", expert.metadata, expert.lm, expert.codec)
+        plain = tmp_path / "plain"
+        plain.write_text("")
+    finally:
+        os.umask(old)
+    assert case(oct(path.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777) == "0o644")
+
+
+# -- 16. torch's weights_only=False advice is not passed on --------------------------------------------
+
+def test_case16_a_checkpoint_holding_code_is_refused_without_the_advice(tmp_path):
+    import torch
+
+    from stage_stack.training.checkpoint import load_checkpoint
+
+    path = tmp_path / "step-00000001.pt"
+    torch.save({"model": {}, "thing": textwrap.TextWrapper()}, path)
+    with pytest.raises(StageStackError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "code that would run when it is loaded; stage-stack does not load such files" in message
+    assert case("weights_only" not in message and "False" not in message)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import faults
 from ..atomic import atomic_path
 from ..errors import StageStackError
 from ..torchload import load_weights
@@ -74,6 +75,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
     path = checkpoint_path(run_dir, step)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        faults.point("checkpoint:before-rename")
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

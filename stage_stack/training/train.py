@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .. import faults
+from ..atomic import atomic_write_text
 from ..errors import StageStackError, TrainingConfigError
 from ..expert import ExpertMetadata, load_expert
 from ..layout import TokenLayout
@@ -275,7 +276,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         path = save_checkpoint(self.config.run_dir, self.step, self.state(), self.config.keep_checkpoints)
-        (Path(self.config.run_dir) / "history.json").write_text(json.dumps(self.history, indent=1))
+        atomic_write_text(Path(self.config.run_dir) / "history.json", json.dumps(self.history, indent=1))
         return path
 
     # -- batches ----------------------------------------------------------------------------
