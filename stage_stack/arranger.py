@@ -20,36 +20,19 @@ Per layer (`Arranger._render_layer`):
        decode (stage_stack.pipeline), resample back to the song's rate;
     4. the new stem joins the mix, with its gain and the limiter, before the next layer runs.
 
-An arrangement on disk (`Arrangement`) is a directory:
-
-    manifest.json                      what was done and how to redo it (stage_stack.manifest)
-    mix.wav                            the limited mix (never includes the click)
-    context.wav                        the input mix, mono at the song's rate (when one was given)
-    stems/<layer>.wav                  each layer's picked candidate
-    candidates/<layer>/take<T>-<i>.wav every candidate of the current take of each layer
-
-Audio is 32-bit float WAV, so a reopened arrangement continues from exactly what was written.
-`manifest.files` records the sha256 of each file's samples (`audio_digest`), not of its bytes:
-libsndfile stamps float WAVs with the time of writing, and two identical songs must compare equal.
-Writes are atomic at the layer level: every file is written under a temporary name, then the
-manifest is replaced (the commit point), then the files are renamed into place, then the files
-the old manifest had and the new one does not are deleted. A crash or Ctrl-C before the commit
-point leaves the arrangement as it was; one after it is finished when the arrangement is opened
-again (temporary files whose samples the manifest expects are renamed, derived files that are
-still missing are rendered again, other temporary files are deleted). Running the same
-`arrange` again resumes with the layers that are missing. Files the arrangement did not write
-are never touched.
+The arrangement directory is stage_stack.arrangement; the song in memory stage_stack.song;
+the layer as asked for stage_stack.layer.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -57,83 +40,25 @@ import numpy as np
 import torch
 
 from . import __version__
-from .audio import resample, write_audio
-from .errors import ArrangementError, InputError, IntegrityError
+from .arrangement import CONTEXT_FILE, Arrangement, candidate_file
+from .audio import resample
+from .errors import InputError, IntegrityError
 from .expert import Expert, load_expert, read_metadata, sha256_file
 from .generation import SamplingParams
-from .inputs import (DEFAULT_BPM, MAX_CANDIDATES, ContextAudio, check_bpm, check_duration, check_layers,
+from .inputs import (DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, check_sample_rate,
                      load_context)
-from .manifest import (MANIFEST_NAME, ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerSpec,
-                       LayerTimings, LimiterRecord, Manifest, RegistryRecord, SamplingRecord, now)
-from .mixing import (CLICK_GAIN_DB, CLICK_MODES, ClickMode, LimiterSettings, conditioning_audio, fit_length,
-                     metronome, render_mix)
+from .layer import Layer
+from .manifest import (ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerTimings, LimiterRecord, Manifest,
+                       RegistryRecord, SamplingRecord, now, parse_state)
+from .mixing import CLICK_GAIN_DB, CLICK_MODES, ClickMode, LimiterSettings, conditioning_audio, fit_length, metronome
 from .pipeline import render_stem, window_plan_for
 from .placement import (DeviceInventory, DeviceMap, ExpertPool, check_device_map, expert_nbytes, parse_max_memory,
                         plan_placement)
+from .song import Song
+
+__all__ = ["Arranger", "ArrangePlan", "Layer", "Progress", "ProgressCallback", "Song"]
 
 DEFAULT_DURATION = 10.0  # seconds, when neither a duration nor a context is given
-LAYER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # layer names become file names
-
-
-# -- what the user asks for -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Layer:
-    """One layer of an arrangement. Every field but `instrument` has a default.
-
-    instrument  the instrument (its expert plays the layer)
-    name        the layer's name, needed when an instrument is used twice (default: instrument)
-    prompt      text prompt for text-conditioned experts (default: the instrument's default prompt)
-    seed        sampling seed (default: the song's seed + the layer's position)
-    gain_db     mix gain in dB (default: the instrument's registry default, else 0)
-    candidates  variations generated in one batch; all are kept, `pick` is the one used
-    click       "none", "mix+click" or "click" (default: the song's click mode)
-    params      sampling parameters (default: SamplingParams(), the reference's)
-    pick        which candidate the next layers hear (default: the first)
-    """
-
-    instrument: str
-    name: str | None = None
-    prompt: str | None = None
-    seed: int | None = None
-    gain_db: float | None = None
-    candidates: int = 1
-    click: ClickMode | None = None
-    params: SamplingParams | None = None
-    pick: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.instrument, str) or not self.instrument:
-            raise InputError(f"Layer.instrument must be an instrument name, got {self.instrument!r}")
-        if self.name is not None and not LAYER_NAME.match(self.name):
-            raise InputError(f"layer name {self.name!r} is not usable as a file name; use letters, digits, "
-                             "'_', '-' or '.' (up to 64 characters, starting with a letter or digit)")
-        if self.name is None and not LAYER_NAME.match(self.instrument):
-            raise InputError(f"instrument {self.instrument!r} needs a layer name usable as a file name: "
-                             f"Layer({self.instrument!r}, name='...')")
-        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or \
-                not 1 <= self.candidates <= MAX_CANDIDATES:
-            raise InputError(f"layer {self.key!r}: candidates must be an integer from 1 to {MAX_CANDIDATES}, "
-                             f"got {self.candidates!r}")
-        if not isinstance(self.pick, int) or not 0 <= self.pick < self.candidates:
-            raise InputError(f"layer {self.key!r}: pick {self.pick!r} is not one of its {self.candidates} "
-                             f"candidate(s) (numbered from 0)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise InputError(f"layer {self.key!r}: seed must be a non-negative integer, got {self.seed!r}")
-        if self.gain_db is not None and not (np.isfinite(self.gain_db) and -60.0 <= self.gain_db <= 24.0):
-            raise InputError(f"layer {self.key!r}: gain_db must be from -60 to +24 dB, got {self.gain_db!r}")
-        if self.click is not None and self.click not in CLICK_MODES:
-            raise InputError(f"layer {self.key!r}: click must be one of {', '.join(CLICK_MODES)}, got {self.click!r}")
-
-    @property
-    def key(self) -> str:
-        """The layer's name: `name`, else the instrument."""
-        return self.name or self.instrument
-
-    def spec(self) -> LayerSpec:
-        return LayerSpec(instrument=self.instrument, name=self.name, prompt=self.prompt, seed=self.seed,
-                         gain_db=self.gain_db, candidates=self.candidates, click=self.click,
-                         sampling=None if self.params is None else SamplingRecord.of(self.params), pick=self.pick)
 
 
 @dataclass(frozen=True)
@@ -149,351 +74,6 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 
-
-# -- the arrangement directory ----------------------------------------------------------------
-
-def candidate_file(name: str, take: int, index: int) -> str:
-    return f"candidates/{name}/take{take}-{index}.wav"
-
-
-def stem_file(name: str) -> str:
-    return f"stems/{name}.wav"
-
-
-MIX_FILE = "mix.wav"
-CONTEXT_FILE = "context.wav"
-_OWNED = re.compile(r"^(mix\.wav|context\.wav|stems/[^/]+\.wav|candidates/[^/]+/take\d+-\d+\.wav)$")
-_TEMP = re.compile(r"^\..+\.tmp(\.wav)?$")
-_TAKE = re.compile(r"^candidates/[^/]+/take\d+-\d+\.wav$")
-
-
-def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> str:
-    """Write float32 WAV, flush it to disk, and return its `audio_digest`."""
-    write_audio(path, audio, sample_rate, subtype="FLOAT")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return audio_digest(path)
-
-
-def audio_digest(path: str | os.PathLike) -> str:
-    """sha256 of an audio file's samples (float32, as read), channel count and sample rate."""
-    return _read_with_digest(path)[2]
-
-
-def _read_with_digest(path: str | os.PathLike) -> tuple[np.ndarray, int, str]:
-    """([frames, channels] float32, rate, digest) from one read of the file."""
-    import hashlib
-
-    import soundfile as sf
-
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    h = hashlib.sha256(f"{rate}:{data.shape[1]}:".encode())
-    h.update(np.ascontiguousarray(data).tobytes())
-    return data, rate, h.hexdigest()
-
-
-def _matches(path: Path, manifest: Manifest, rel: str) -> bool:
-    try:
-        return path.is_file() and audio_digest(path) == manifest.files.get(rel)
-    except RuntimeError:  # unreadable (truncated) audio
-        return False
-
-
-class Arrangement:
-    """An arrangement directory: manifest.json plus audio files, written atomically (module docstring)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path).expanduser()
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / MANIFEST_NAME
-
-    def exists(self) -> bool:
-        return self.manifest_path.is_file()
-
-    def read_manifest(self) -> Manifest:
-        return Manifest.load(self.manifest_path)
-
-    def holds_another(self, other: Manifest, how: str, commands: str) -> InputError:
-        """The error for an output directory that holds an arrangement this one must not overwrite."""
-        return InputError(f"{self.path} already holds another arrangement ({', '.join(other.layer_names) or 'no layers'}"
-                          f", created {other.created:%Y-%m-%d %H:%M}){how}. Choose another output directory, or "
-                          f"{commands} {self.path}`")
-
-    def check_new(self, arrangement_id: str) -> None:
-        """Refuse a directory that holds another arrangement, or files an arrangement would overwrite."""
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"{self.path}: exists and is not a directory; choose an output directory")
-        if self.exists():
-            other = self.read_manifest()
-            if other.arrangement_id != arrangement_id:
-                raise self.holds_another(other, "", "work on that one with `stage-stack add/redo/show")
-            return
-        clashes = [rel for rel in self._owned_files() if rel != MANIFEST_NAME]
-        if clashes:
-            raise InputError(f"{self.path} holds files an arrangement would overwrite ({', '.join(clashes[:5])}) "
-                             "but no manifest.json; choose an empty or new output directory")
-
-    def _owned_files(self) -> list[str]:
-        if not self.path.is_dir():
-            return []
-        found = []
-        for path in self.path.rglob("*"):
-            rel = path.relative_to(self.path).as_posix()
-            if path.is_file() and _OWNED.match(rel):
-                found.append(rel)
-        return sorted(found)
-
-    def commit(self, manifest: Manifest, files: Mapping[str, np.ndarray]) -> None:
-        """Write `files` under temp names, replace the manifest (the commit point), rename them.
-
-        Then the files the previous manifest referenced and this one does not are deleted.
-        """
-        previous = set(self.read_manifest().files) if self.exists() else set()
-        self.path.mkdir(parents=True, exist_ok=True)
-        temps: dict[str, Path] = {}
-        committed = False
-        try:
-            for rel, audio in files.items():
-                path = self.path / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temps[rel] = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.wav"
-                manifest.files[rel] = _write_wav(temps[rel], audio, manifest.sample_rate)
-            expected = expected_files(manifest)
-            manifest.files = {rel: manifest.files[rel] for rel in sorted(expected) if rel in manifest.files}
-            manifest.save(self.manifest_path)  # the commit point
-            committed = True
-            for rel, tmp in temps.items():
-                os.replace(tmp, self.path / rel)
-        finally:
-            if not committed:  # after the commit point the temp files are the new state: keep them
-                for tmp in temps.values():
-                    tmp.unlink(missing_ok=True)
-        for rel in sorted(previous - set(manifest.files)):
-            (self.path / rel).unlink(missing_ok=True)
-        self.remove_leftovers(manifest)
-
-    def finish_renames(self, manifest: Manifest) -> list[str]:
-        """After a crash between the commit point and the renames: move each temp file whose
-        samples are what the manifest expects into place."""
-        finished = []
-        for rel, digest in manifest.files.items():
-            path = self.path / rel
-            if _matches(path, manifest, rel):
-                continue
-            for tmp in sorted(path.parent.glob(f".{path.name}.*.tmp.wav")):
-                if audio_digest(tmp) == digest:
-                    os.replace(tmp, path)
-                    finished.append(rel)
-                    break
-        return finished
-
-    def remove_leftovers(self, manifest: Manifest) -> list[str]:
-        """Delete temp files, and candidate takes the manifest does not reference (nothing else)."""
-        removed = []
-        for folder in [self.path, self.path / "stems", *sorted((self.path / "candidates").glob("*"))]:
-            if not folder.is_dir():
-                continue
-            for path in sorted(folder.iterdir()):
-                rel = path.relative_to(self.path).as_posix()
-                orphan_take = _TAKE.match(rel) and rel not in manifest.files
-                if path.is_file() and (_TEMP.match(path.name) or orphan_take):
-                    path.unlink()
-                    removed.append(rel)
-        for folder in sorted((self.path / "candidates").glob("*"), reverse=True):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        return removed
-
-    def read(self, rel: str, manifest: Manifest) -> np.ndarray:
-        """An audio file of the arrangement, checked against the manifest's sha256."""
-        path = self.path / rel
-        try:
-            data, rate, digest = _read_with_digest(path)
-        except (OSError, RuntimeError):  # missing or unreadable
-            digest = None
-        if digest is None or digest != manifest.files.get(rel):
-            raise ArrangementError(f"{path}: missing, or changed since it was written (sha256 differs from "
-                                   f"{MANIFEST_NAME}). Restore it, or regenerate its layer with `stage-stack redo`")
-        if rate != manifest.sample_rate or data.shape[1] != 1:
-            raise ArrangementError(f"{path}: {data.shape[1]} channel(s) at {rate} Hz, but the arrangement is mono "
-                                   f"at {manifest.sample_rate} Hz")
-        return data[:, 0].copy()
-
-
-def expected_files(manifest: Manifest) -> set[str]:
-    files = {MIX_FILE}
-    if manifest.context is not None:
-        files.add(CONTEXT_FILE)
-    for layer in manifest.layers:
-        files.add(stem_file(layer.name))
-        files.update(layer.files)
-    return files
-
-
-# -- a song -----------------------------------------------------------------------------------
-
-@dataclass
-class Song:
-    """An arrangement in memory: its manifest, the context, every layer's candidates and the mix.
-
-    When `path` is set (the song was arranged with `out=`, opened, or saved), every change is
-    written there atomically.
-    """
-
-    manifest: Manifest
-    context: np.ndarray | None  # the input mix at the song's rate, [samples]
-    candidates: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> [candidates, samples]
-    mix: np.ndarray | None = None
-    path: Path | None = None
-
-    @property
-    def sample_rate(self) -> int:
-        return self.manifest.sample_rate
-
-    @property
-    def layers(self) -> list[str]:
-        return self.manifest.layer_names
-
-    @property
-    def stems(self) -> dict[str, np.ndarray]:
-        """The picked candidate of each layer, in layer order, [samples] at `sample_rate`."""
-        return {layer.name: self.candidates[layer.name][layer.picked] for layer in self.manifest.layers}
-
-    @property
-    def stale(self) -> list[str]:
-        """Layers generated against an earlier state of the layers before them (see `Arranger.redo`)."""
-        return self.manifest.stale_layers()
-
-    # -- mixing -----------------------------------------------------------------------------
-    def render_mix(self, upto: int | None = None) -> np.ndarray:
-        """The limited mix of the context and the picked stems of the first `upto` layers (all: None)."""
-        m = self.manifest
-        layers = m.layers if upto is None else m.layers[:upto]
-        stems = [(self.candidates[layer.name][layer.picked], layer.gain_db) for layer in layers]
-        return render_mix(self.context, stems, m.sample_rate, m.samples, m.limiter.settings())
-
-    def _derived(self, names: Sequence[str] = ()) -> dict[str, np.ndarray]:
-        self.mix = self.render_mix()
-        files = {MIX_FILE: self.mix}
-        for name in names:
-            files[stem_file(name)] = self.stems[name]
-        return files
-
-    def _persist(self, sources: Mapping[str, np.ndarray] | None = None, stems: Sequence[str] = ()) -> None:
-        derived = self._derived(stems)
-        if self.path is not None:
-            Arrangement(self.path).commit(self.manifest, {**(sources or {}), **derived})
-
-    # -- session operations that need no expert --------------------------------------------
-    def pick(self, name: str, candidate: int) -> "Song":
-        """Use another candidate of a layer; re-renders the mix. Later layers become stale."""
-        layer = self.manifest.layer(name)
-        if not 0 <= candidate < layer.candidates:
-            raise InputError(f"layer {name!r} has {layer.candidates} candidate(s), numbered 0 to "
-                             f"{layer.candidates - 1}; got {candidate}")
-        layer.picked = candidate
-        self.manifest.log("pick", f"{name} {candidate}")
-        self._persist(stems=[name])
-        return self
-
-    def remove(self, name: str) -> "Song":
-        """Remove a layer and its files; re-renders the mix. Later layers become stale."""
-        index = self.manifest.index(name)
-        del self.manifest.layers[index]
-        del self.candidates[name]
-        self.manifest.log("remove", name)
-        self._persist()
-        return self
-
-    def remix(self, gains: Mapping[str, float] | None = None) -> "Song":
-        """Re-render the mix, optionally with new gains {layer: dB}."""
-        for name, gain in (gains or {}).items():
-            if not (np.isfinite(gain) and -60.0 <= gain <= 24.0):
-                raise InputError(f"gain for {name!r} must be from -60 to +24 dB, got {gain!r}")
-            self.manifest.layer(name).gain_db = float(gain)
-        self.manifest.log("mix", ", ".join(f"{k} {v:+g} dB" for k, v in (gains or {}).items()))
-        self._persist()
-        return self
-
-    # -- files ------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the whole arrangement to `directory` (WAV stems, candidates, mix, manifest.json)."""
-        store = Arrangement(directory)
-        if self.path is not None and store.path.resolve() == Path(self.path).resolve():
-            self._persist(stems=self.layers)
-            return store.path
-        store.check_new(self.manifest.arrangement_id)
-        sources: dict[str, np.ndarray] = {}
-        if self.context is not None:
-            sources[CONTEXT_FILE] = self.context
-        for layer in self.manifest.layers:
-            for i, rel in enumerate(layer.files):
-                sources[rel] = self.candidates[layer.name][i]
-        self.path = store.path
-        self._persist(sources, stems=self.layers)
-        return store.path
-
-    @classmethod
-    def open(cls, directory: str | os.PathLike) -> "Song":
-        """Reopen an arrangement directory: finishes or undoes an interrupted write, then loads it."""
-        store = Arrangement(directory)
-        if not store.exists():
-            raise ArrangementError(f"{store.path}: not an arrangement (no {MANIFEST_NAME}); create one with "
-                                   "`stage-stack arrange ... -o DIR`")
-        manifest = store.read_manifest()
-        store.finish_renames(manifest)
-        store.remove_leftovers(manifest)
-        context = store.read(CONTEXT_FILE, manifest) if manifest.context is not None else None
-        candidates = {layer.name: np.stack([store.read(rel, manifest) for rel in layer.files])
-                      for layer in manifest.layers}
-        song = cls(manifest, context, candidates, path=store.path)
-        derived = song._derived(song.layers)
-        stale = {rel: audio for rel, audio in derived.items() if not _matches(store.path / rel, manifest, rel)}
-        if stale:  # derived files that do not match the manifest (lost temp files): render them again
-            store.commit(manifest, stale)
-        return song
-
-    def summary(self) -> str:
-        """A human-readable description (what `stage-stack show` prints)."""
-        return describe(self.manifest, self.path)
-
-
-def _committed(store: Arrangement, record: LayerRecord) -> bool:
-    """Whether the arrangement on disk already has this take of the layer."""
-    try:
-        on_disk = store.read_manifest()
-    except ArrangementError:
-        return False
-    return any(layer.name == record.name and layer.take == record.take for layer in on_disk.layers)
-
-
-def describe(manifest: Manifest, path: str | os.PathLike | None = None) -> str:
-    """Describe an arrangement from its manifest: song settings, then one line per layer."""
-    m = manifest
-    bpm = "none" if m.bpm is None else f"{m.bpm:g}" + (" (default)" if m.bpm_source == "default" else "")
-    lines = [f"arrangement {m.arrangement_id}  ({path or 'not saved'})",
-             f"  {m.duration:g} s at {m.sample_rate} Hz, BPM {bpm}, click {m.click}, seed {m.seed}",
-             f"  context: {m.context.source if m.context else 'none'}"]
-    stale = set(m.stale_layers())
-    for i, layer in enumerate(m.layers):
-        picked = f"candidate {layer.picked} of {layer.candidates}"
-        flag = "  [stale: an earlier layer changed since; `redo` it]" if layer.name in stale else ""
-        lines.append(f"  {i + 1}. {layer.name} ({layer.instrument}): take {layer.take}, {picked}, seed {layer.seed}, "
-                     f"{layer.gain_db:+g} dB, click {layer.click}, {len(layer.window_plan.windows)} window(s), "
-                     f"{layer.timings.total_s:.1f} s{flag}")
-        if layer.prompt:
-            lines.append(f"     prompt: {layer.prompt!r}")
-    if not m.layers:
-        lines.append("  no layers yet")
-    return "\n".join(lines)
-
-
-# -- the arranger -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ArrangePlan:
@@ -550,7 +130,7 @@ class Arranger:
         self.device_map = device_map
         self.dtype = dtype
         self.click = click
-        self.sample_rate = sample_rate
+        self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate, "Arranger(sample_rate=...)")
         self.limiter = limiter
         self.overlap_seconds = overlap_seconds
         self.crossfade_seconds = crossfade_seconds
@@ -687,6 +267,12 @@ class Arranger:
         return out
 
     def _check(self, layers: list[Layer], existing: Sequence[str], bpm: float | None, song_click: ClickMode) -> None:
+        if self.registry is not None:
+            for layer in layers:
+                if layer.instrument not in self.instruments:
+                    # the registry says why: two plugins register it (and which registry.yaml entry
+                    # picks one), it is disabled, or nothing registers it
+                    self.registry.instrument(layer.instrument)
         check_layers(layers, self.instruments, taken=existing)
         for layer in layers:
             if bpm is None and (layer.click or song_click) != "none":
@@ -715,6 +301,7 @@ class Arranger:
         context_sample_rate: int | None = None,
         out: str | os.PathLike | None = None,
         callback: ProgressCallback | None = None,
+        wait: bool | float = False,
     ) -> Song:
         """Generate `layers` in order on top of `context`; returns the Song (written to `out` if given).
 
@@ -723,11 +310,13 @@ class Arranger:
         duration  seconds; default: the context's length, else 10 s
         seed      the song's seed; layer i uses seed + i unless the layer sets its own
         out       an arrangement directory; rerunning the same call there resumes it
+        wait      when another process is changing `out`: False fails at once, True waits
         """
-        song, pending = self.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
-                                     context_sample_rate=context_sample_rate, out=out)
-        for position, layer in enumerate(pending):
-            self.run_layer(song, layer, callback, position=(position, len(pending)))
+        with Arrangement(out).lock(wait) if out is not None else nullcontext():
+            song, pending = self.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
+                                         context_sample_rate=context_sample_rate, out=out, wait=wait)
+            for position, layer in enumerate(pending):
+                self.run_layer(song, layer, callback, position=(position, len(pending)))
         return song
 
     def validate(self, layers, context=None, *, bpm=None, duration=None, seed=0, click=None,
@@ -745,8 +334,12 @@ class Arranger:
             bpm_source = None if bpm is None else "given"
         song_click = self._song_click(click, bpm)
         self._check(layers, [], bpm, song_click)
-        rate = sample_rate or self.sample_rate or (ctx.sample_rate if ctx is not None else
-                                                   max(self._metadata(l.instrument).sample_rate for l in layers))
+        if sample_rate is not None:
+            rate = check_sample_rate(sample_rate, "sample_rate")
+        elif self.sample_rate is not None:
+            rate = self.sample_rate
+        else:
+            rate = ctx.sample_rate if ctx is not None else max(self._metadata(l.instrument).sample_rate for l in layers)
         request = ArrangeRequest(layers=[l.spec() for l in layers], context_sha256=ctx.sha256 if ctx else None,
                                  bpm=None if bpm_source == "default" else bpm, duration=duration, seed=seed,
                                  click=click or self.click, sample_rate=rate)
@@ -762,14 +355,15 @@ class Arranger:
         return ArrangePlan(layers, ctx, bpm, bpm_source, duration, seed, song_click, rate, request, store)
 
     def prepare(self, layers, context=None, *, bpm=None, duration=None, seed=0, click=None,
-                context_sample_rate=None, out=None, sample_rate=None) -> tuple[Song, list[Layer]]:
+                context_sample_rate=None, out=None, sample_rate=None, wait: bool | float = False
+                ) -> tuple[Song, list[Layer]]:
         """Validate everything and create (or reopen, to resume) the song; returns it and the layers to run."""
         plan = self.validate(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
                              context_sample_rate=context_sample_rate, out=out, sample_rate=sample_rate)
         layers, ctx, bpm, bpm_source, duration, rate, store = (plan.layers, plan.context, plan.bpm, plan.bpm_source,
                                                                plan.duration, plan.sample_rate, plan.store)
         if store is not None and store.exists():  # the same request: resume
-            song = Song.open(store.path)
+            song = Song.open(store.path, wait=wait)
             return song, [layer for layer in layers if layer.key not in song.layers]
 
         manifest = Manifest(
@@ -783,27 +377,38 @@ class Arranger:
                                              channels=ctx.channels, seconds=round(ctx.seconds, 6))
             context_audio = fit_length(resample(ctx.audio, ctx.sample_rate, rate), manifest.samples)
         manifest.log("arrange", ", ".join(l.key for l in layers))
-        song = Song(manifest, context_audio)
+        song = Song(manifest, context_audio, wait=wait)
         if store is not None:
+            # Nothing is written before every expert is known to load: a broken expert file must
+            # not leave a song with no layers behind.
+            for instrument in dict.fromkeys(layer.instrument for layer in layers):
+                self.expert(instrument)
             song.save(store.path)
         else:
             song.mix = song.render_mix()
         return song, layers
 
-    def add(self, song: Song, layer: str | Layer, *, callback: ProgressCallback | None = None) -> Song:
-        """Add a layer at the end of the song, hearing the current mix."""
+    def add(self, song: Song, layer: str | Layer, *, callback: ProgressCallback | None = None,
+            force: bool = False) -> Song:
+        """Add a layer at the end of the song, hearing the current mix.
+
+        force  overwrite a hand-edited mix.wav (or a stems/NAME.wav stage-stack did not write)
+        """
         (layer,) = self._as_layers([layer])
         self._check([layer], song.layers, song.manifest.bpm, song.manifest.click)
-        song.manifest.log("add", layer.key)
-        self.run_layer(song, layer, callback)
+        with song.writing():
+            song.manifest.log("add", layer.key)
+            self.run_layer(song, layer, callback, force=force)
         return song
 
     def redo(self, song: Song, name: str, *, seed: int | None = None, prompt: str | None = None,
-             downstream: bool = False, callback: ProgressCallback | None = None) -> Song:
+             downstream: bool = False, callback: ProgressCallback | None = None, force: bool = False) -> Song:
         """Regenerate a layer with a new seed (random if not given) and/or prompt.
 
         With `downstream`, the layers after it are regenerated too (same seeds and prompts), so
-        they hear the new take. The new take's first candidate is picked.
+        they hear the new take. The new take's first candidate is picked. Earlier takes stay on
+        disk (`Song.undo` goes back to them) until `Song.prune`. A layer whose candidate files were
+        deleted is regenerated from what the manifest records. `force` overwrites hand-edited stems/mix.
         """
         index = song.manifest.index(name)
         old = song.manifest.layers[index]
@@ -815,9 +420,10 @@ class Arranger:
             todo += [(j, replace(self._layer_of(rec), pick=0)) for j, rec in enumerate(song.manifest.layers)
                      if j > index]
         self._prepare_experts([layer.instrument for _, layer in todo])
-        song.manifest.log("redo", f"{name} seed {redo_seed}" + (" and later layers" if downstream else ""))
-        for position, (_, layer) in enumerate(todo):
-            self.run_layer(song, layer, callback, position=(position, len(todo)))
+        with song.writing():
+            song.manifest.log("redo", f"{name} seed {redo_seed}" + (" and later layers" if downstream else ""))
+            for position, (_, layer) in enumerate(todo):
+                self.run_layer(song, layer, callback, position=(position, len(todo)), force=force)
         return song
 
     @staticmethod
@@ -827,15 +433,17 @@ class Arranger:
                      click=record.click_requested, params=record.sampling.params(), pick=record.picked)
 
     def reproduce(self, manifest_path: str | os.PathLike, out: str | os.PathLike | None = None,
-                  callback: ProgressCallback | None = None) -> Song:
+                  callback: ProgressCallback | None = None, wait: bool | float = False) -> Song:
         """Generate an arrangement again from its manifest: the same experts (sha256-checked), context,
         seeds, prompts, picks, gains and settings. On the same machine the audio is identical."""
         manifest_path = Path(manifest_path)
         m = Manifest.load(manifest_path)
-        stale = m.stale_layers()
+        # A stale layer is reproduced as it was made when the takes it heard are still the
+        # current ones (only a pick or a gain changed since); not when an earlier layer was redone.
+        stale = [name for name in m.stale_layers() if not _reproducible(m, m.layer(name))]
         if stale:
             warnings.warn(f"layers {', '.join(stale)} were generated before earlier layers changed; they are "
-                          "regenerated against the current picks, so they will differ from the originals", stacklevel=2)
+                          "regenerated against the current takes, so they will differ from the originals", stacklevel=2)
         self.adopt_experts(m)
         context = None
         if m.context is not None:
@@ -843,11 +451,15 @@ class Arranger:
             audio = store.read(CONTEXT_FILE, m)
             context = ContextAudio(audio, m.sample_rate, m.context.source, m.context.sha256, m.context.channels)
         layers = [self._layer_of(record) for record in m.layers]
-        song, pending = self.prepare(layers, context, bpm=m.bpm if m.bpm_source == "given" else None,
-                                     duration=m.duration, seed=m.seed, click=m.click, out=out,
-                                     sample_rate=m.sample_rate)
-        for position, layer in enumerate(pending):
-            self.run_layer(song, layer, callback, position=(position, len(pending)))
+        with Arrangement(out).lock(wait) if out is not None else nullcontext():
+            song, pending = self.prepare(layers, context, bpm=m.bpm if m.bpm_source == "given" else None,
+                                         duration=m.duration, seed=m.seed, click=m.click, out=out,
+                                         sample_rate=m.sample_rate, wait=wait)
+            for position, layer in enumerate(pending):
+                # Each layer hears the earlier ones as its record says it did (their pick and gain
+                # then), so a song whose gains or picks changed later is reproduced as it was made.
+                self.run_layer(song, layer, callback, position=(position, len(pending)),
+                               heard=_heard_in(m, m.layer(layer.key), song.manifest))
         for name in song.layers:  # expert files must be the recorded ones
             want, got = m.layer(name).expert.sha256, song.manifest.layer(name).expert.sha256
             if want and got != want:
@@ -856,39 +468,40 @@ class Arranger:
 
     # -- one layer --------------------------------------------------------------------------
     def run_layer(self, song: Song, layer: Layer, callback: ProgressCallback | None = None,
-                  position: tuple[int, int] = (0, 1)) -> None:
+                  position: tuple[int, int] = (0, 1), *, force: bool = False,
+                  heard: Mapping[str, str] | None = None) -> None:
         """Generate `layer` (appending it, or replacing the layer of that name) and commit it.
 
         `position` (this layer, layers in this call) is what progress reports count. If it fails
-        or is interrupted before its commit point, `song` is left as it was.
+        or is interrupted before its commit point, `song` is left as it was. The song's lock is
+        held throughout. `heard` ({layer: state}, a record's `conditioned_on`) makes the layer
+        hear earlier layers with those picks and gains instead of the current ones.
         """
-        m = song.manifest
-        names = m.layer_names
-        index = names.index(layer.key) if layer.key in names else len(names)
-        previous = m.layers[index] if index < len(names) else None
-        take = previous.take + 1 if previous is not None else 1
-        audio, record = self._render_layer(song, index, layer, take, callback, position)
-        before = (list(m.layers), dict(song.candidates), song.mix, dict(m.files))
-        try:
+        with song.writing():
+            m = song.manifest
+            names = m.layer_names
+            index = names.index(layer.key) if layer.key in names else len(names)
+            previous = m.layers[index] if index < len(names) else None
+            current = previous.take if previous is not None else 0
+            take = Arrangement(song.path).next_take(layer.key, current) if song.path is not None else current + 1
+            audio, record = self._render_layer(song, index, layer, take, callback, position, heard)
             if previous is None:
                 m.layers.append(record)
             else:
                 m.layers[index] = record
             song.candidates[record.name] = audio
+            song.damaged.pop(record.name, None)
             start = time.perf_counter()
             derived = song._derived([record.name])  # the new stem joins the mix
             record.timings.mix_s = round(record.timings.mix_s + time.perf_counter() - start, 6)
             record.timings.total_s = round(record.timings.total_s + time.perf_counter() - start, 6)
             if song.path is not None:
                 sources = {rel: audio[i] for i, rel in enumerate(record.files)}
-                Arrangement(song.path).commit(m, {**sources, **derived})
-        except BaseException:
-            if song.path is None or not _committed(Arrangement(song.path), record):
-                m.layers[:], song.candidates, song.mix, m.files = before
-            raise
+                Arrangement(song.path).commit(m, {**sources, **derived}, force=force)
 
     def _render_layer(self, song: Song, index: int, layer: Layer, take: int, callback: ProgressCallback | None,
-                      position: tuple[int, int]) -> tuple[np.ndarray, LayerRecord]:
+                      position: tuple[int, int], as_heard: Mapping[str, str] | None = None
+                      ) -> tuple[np.ndarray, LayerRecord]:
         m = song.manifest
         began = time.perf_counter()
         timings = LayerTimings()
@@ -898,7 +511,7 @@ class Arranger:
         timings.load_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        mix = song.render_mix(upto=index)
+        mix = song.render_mix(upto=index, heard=as_heard)
         mix_is_empty = m.context is None and index == 0
         requested = layer.click or m.click
         mode: ClickMode = "click" if mix_is_empty else requested
@@ -935,6 +548,30 @@ class Arranger:
             float(self._registry_default(layer.instrument, "default_gain_db", 0.0)),
             click=mode, click_requested=layer.click, take=take,
             files=[candidate_file(layer.key, take, i) for i in range(layer.candidates)],
-            conditioned_on=m.state_before(index), window_plan=result.plan,
+            conditioned_on=m.state_before(index, as_heard), window_plan=result.plan,
             timings=LayerTimings(**{k: round(v, 6) for k, v in timings.model_dump().items()}), created=now())
         return audio.astype(np.float32), record
+
+
+def _heard_in(original: Manifest, record: LayerRecord, copy: Manifest) -> dict[str, str]:
+    """`record.conditioned_on` in terms of `copy`'s takes: an earlier layer heard in the take the
+    original still has is heard in the copy's take of it, with the recorded pick and gain."""
+    out = {}
+    for name, state in record.conditioned_on.items():
+        if name == "<context>" or name not in original.layer_names or name not in copy.layer_names:
+            continue
+        take, picked, gain = parse_state(state)
+        if take == original.layer(name).take:
+            out[name] = f"{copy.layer(name).take}.{picked}" + ("" if gain is None else f" {gain:+g} dB")
+    return out
+
+
+def _reproducible(manifest: Manifest, record: LayerRecord) -> bool:
+    """Whether every layer `record` heard is still in the take it heard."""
+    for name, state in record.conditioned_on.items():
+        if name == "<context>":
+            if manifest.context is None or state != manifest.context.sha256:
+                return False
+        elif name not in manifest.layer_names or parse_state(state)[0] != manifest.layer(name).take:
+            return False
+    return True

@@ -37,7 +37,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
+from ..atomic import temp_path
 from ..errors import CheckpointKeyError, StageStackError
+from ..torchload import load_weights
 from ..expert import (ExpertMetadata, WeightsRef, atomic_save_safetensors,
                       build_empty, read_header, save_codec, save_expert, sha256_file)
 from ..models.codec import Codec, CodecConfig
@@ -352,13 +354,16 @@ def _write_text_encoder_dir(directory: Path, t5_config: dict, model_dir: Path) -
     if directory.exists():
         return [f"{directory} already exists and was left as it is; it must hold the T5 config and tokenizer."]
     tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    staging = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = temp_path(directory)  # ours alone (marker + pid): removing it on failure removes nothing else
     staging.mkdir(parents=True)
-    (staging / "config.json").write_text(json.dumps(t5_config, indent=2))
-    for file in tokenizer:
-        shutil.copy2(file, staging / file.name)
-    os.replace(staging, directory)
+    try:
+        (staging / "config.json").write_text(json.dumps(t5_config, indent=2))
+        for file in tokenizer:
+            shutil.copy2(file, staging / file.name)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if not tokenizer:
         return [f"wrote {directory}/config.json; {model_dir} has no T5 tokenizer: add tokenizer.json or "
                 f"spiece.model to {directory} to use text descriptions."]
@@ -443,11 +448,7 @@ def read_audiocraft_lm(path: Path) -> tuple[dict[str, torch.Tensor], AudiocraftX
 
     if not path.is_file():
         raise StageStackError(f"{path}: no such file (expected audiocraft's state_dict.bin)")
-    try:
-        package = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors, truncated zip archives, non-torch files
-        raise StageStackError(f"{path}: not readable with torch.load(weights_only=True) ({e}). "
-                              "Expected audiocraft's state_dict.bin.") from None
+    package = load_weights(path, "audiocraft's state_dict.bin (read with torch.load(weights_only=True))")
     if not isinstance(package, dict) or not isinstance(package.get("best_state"), dict):
         found = sorted(map(str, package)) if isinstance(package, dict) else type(package).__name__
         raise StageStackError(f"{path}: expected a dict with the LM weights under 'best_state' (audiocraft's "
@@ -577,7 +578,7 @@ def _write_referenced(out: Path, stem: str, write: Callable[[Path], object]) -> 
     `write(path)` writes it (atomically) under a temporary name first. Naming by content means
     experts that share a codec or T5 share the file, and a different one never overwrites it.
     """
-    tmp = out.parent / f".{out.stem}.{stem}.tmp.safetensors"
+    tmp = temp_path(out.parent / f"{out.stem}.{stem}", ".tmp.safetensors")
     write(tmp)
     digest = sha256_file(tmp)
     final = out.parent / f"{stem}-{digest[:12]}.safetensors"
