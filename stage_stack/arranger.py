@@ -20,36 +20,18 @@ Per layer (`Arranger._render_layer`):
        decode (stage_stack.pipeline), resample back to the song's rate;
     4. the new stem joins the mix, with its gain and the limiter, before the next layer runs.
 
-An arrangement on disk (`Arrangement`) is a directory:
-
-    manifest.json                      what was done and how to redo it (stage_stack.manifest)
-    mix.wav                            the limited mix (never includes the click)
-    context.wav                        the input mix, mono at the song's rate (when one was given)
-    stems/<layer>.wav                  each layer's picked candidate
-    candidates/<layer>/take<T>-<i>.wav every candidate of the current take of each layer
-
-Audio is 32-bit float WAV, so a reopened arrangement continues from exactly what was written.
-`manifest.files` records the sha256 of each file's samples (`audio_digest`), not of its bytes:
-libsndfile stamps float WAVs with the time of writing, and two identical songs must compare equal.
-Writes are atomic at the layer level: every file is written under a temporary name, then the
-manifest is replaced (the commit point), then the files are renamed into place, then the files
-the old manifest had and the new one does not are deleted. A crash or Ctrl-C before the commit
-point leaves the arrangement as it was; one after it is finished when the arrangement is opened
-again (temporary files whose samples the manifest expects are renamed, derived files that are
-still missing are rendered again, other temporary files are deleted). Running the same
-`arrange` again resumes with the layers that are missing. Files the arrangement did not write
-are never touched.
+The arrangement directory is stage_stack.arrangement; the song in memory stage_stack.song;
+the layer as asked for stage_stack.layer.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -57,83 +39,24 @@ import numpy as np
 import torch
 
 from . import __version__
-from .audio import resample, write_audio
-from .errors import ArrangementError, InputError, IntegrityError
+from .arrangement import CONTEXT_FILE, Arrangement, candidate_file
+from .audio import resample
+from .errors import InputError, IntegrityError
 from .expert import Expert, load_expert, read_metadata, sha256_file
 from .generation import SamplingParams
-from .inputs import (DEFAULT_BPM, MAX_CANDIDATES, ContextAudio, check_bpm, check_duration, check_layers,
-                     load_context)
-from .manifest import (MANIFEST_NAME, ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerSpec,
-                       LayerTimings, LimiterRecord, Manifest, RegistryRecord, SamplingRecord, now)
-from .mixing import (CLICK_GAIN_DB, CLICK_MODES, ClickMode, LimiterSettings, conditioning_audio, fit_length,
-                     metronome, render_mix)
+from .inputs import DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, load_context
+from .layer import Layer
+from .manifest import (ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerTimings, LimiterRecord, Manifest,
+                       RegistryRecord, SamplingRecord, now)
+from .mixing import CLICK_GAIN_DB, CLICK_MODES, ClickMode, LimiterSettings, conditioning_audio, fit_length, metronome
 from .pipeline import render_stem, window_plan_for
 from .placement import (DeviceInventory, DeviceMap, ExpertPool, check_device_map, expert_nbytes, parse_max_memory,
                         plan_placement)
+from .song import Song
+
+__all__ = ["Arranger", "ArrangePlan", "Layer", "Progress", "ProgressCallback", "Song"]
 
 DEFAULT_DURATION = 10.0  # seconds, when neither a duration nor a context is given
-LAYER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # layer names become file names
-
-
-# -- what the user asks for -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Layer:
-    """One layer of an arrangement. Every field but `instrument` has a default.
-
-    instrument  the instrument (its expert plays the layer)
-    name        the layer's name, needed when an instrument is used twice (default: instrument)
-    prompt      text prompt for text-conditioned experts (default: the instrument's default prompt)
-    seed        sampling seed (default: the song's seed + the layer's position)
-    gain_db     mix gain in dB (default: the instrument's registry default, else 0)
-    candidates  variations generated in one batch; all are kept, `pick` is the one used
-    click       "none", "mix+click" or "click" (default: the song's click mode)
-    params      sampling parameters (default: SamplingParams(), the reference's)
-    pick        which candidate the next layers hear (default: the first)
-    """
-
-    instrument: str
-    name: str | None = None
-    prompt: str | None = None
-    seed: int | None = None
-    gain_db: float | None = None
-    candidates: int = 1
-    click: ClickMode | None = None
-    params: SamplingParams | None = None
-    pick: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.instrument, str) or not self.instrument:
-            raise InputError(f"Layer.instrument must be an instrument name, got {self.instrument!r}")
-        if self.name is not None and not LAYER_NAME.match(self.name):
-            raise InputError(f"layer name {self.name!r} is not usable as a file name; use letters, digits, "
-                             "'_', '-' or '.' (up to 64 characters, starting with a letter or digit)")
-        if self.name is None and not LAYER_NAME.match(self.instrument):
-            raise InputError(f"instrument {self.instrument!r} needs a layer name usable as a file name: "
-                             f"Layer({self.instrument!r}, name='...')")
-        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or \
-                not 1 <= self.candidates <= MAX_CANDIDATES:
-            raise InputError(f"layer {self.key!r}: candidates must be an integer from 1 to {MAX_CANDIDATES}, "
-                             f"got {self.candidates!r}")
-        if not isinstance(self.pick, int) or not 0 <= self.pick < self.candidates:
-            raise InputError(f"layer {self.key!r}: pick {self.pick!r} is not one of its {self.candidates} "
-                             f"candidate(s) (numbered from 0)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise InputError(f"layer {self.key!r}: seed must be a non-negative integer, got {self.seed!r}")
-        if self.gain_db is not None and not (np.isfinite(self.gain_db) and -60.0 <= self.gain_db <= 24.0):
-            raise InputError(f"layer {self.key!r}: gain_db must be from -60 to +24 dB, got {self.gain_db!r}")
-        if self.click is not None and self.click not in CLICK_MODES:
-            raise InputError(f"layer {self.key!r}: click must be one of {', '.join(CLICK_MODES)}, got {self.click!r}")
-
-    @property
-    def key(self) -> str:
-        """The layer's name: `name`, else the instrument."""
-        return self.name or self.instrument
-
-    def spec(self) -> LayerSpec:
-        return LayerSpec(instrument=self.instrument, name=self.name, prompt=self.prompt, seed=self.seed,
-                         gain_db=self.gain_db, candidates=self.candidates, click=self.click,
-                         sampling=None if self.params is None else SamplingRecord.of(self.params), pick=self.pick)
 
 
 @dataclass(frozen=True)
@@ -149,351 +72,6 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 
-
-# -- the arrangement directory ----------------------------------------------------------------
-
-def candidate_file(name: str, take: int, index: int) -> str:
-    return f"candidates/{name}/take{take}-{index}.wav"
-
-
-def stem_file(name: str) -> str:
-    return f"stems/{name}.wav"
-
-
-MIX_FILE = "mix.wav"
-CONTEXT_FILE = "context.wav"
-_OWNED = re.compile(r"^(mix\.wav|context\.wav|stems/[^/]+\.wav|candidates/[^/]+/take\d+-\d+\.wav)$")
-_TEMP = re.compile(r"^\..+\.tmp(\.wav)?$")
-_TAKE = re.compile(r"^candidates/[^/]+/take\d+-\d+\.wav$")
-
-
-def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> str:
-    """Write float32 WAV, flush it to disk, and return its `audio_digest`."""
-    write_audio(path, audio, sample_rate, subtype="FLOAT")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return audio_digest(path)
-
-
-def audio_digest(path: str | os.PathLike) -> str:
-    """sha256 of an audio file's samples (float32, as read), channel count and sample rate."""
-    return _read_with_digest(path)[2]
-
-
-def _read_with_digest(path: str | os.PathLike) -> tuple[np.ndarray, int, str]:
-    """([frames, channels] float32, rate, digest) from one read of the file."""
-    import hashlib
-
-    import soundfile as sf
-
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    h = hashlib.sha256(f"{rate}:{data.shape[1]}:".encode())
-    h.update(np.ascontiguousarray(data).tobytes())
-    return data, rate, h.hexdigest()
-
-
-def _matches(path: Path, manifest: Manifest, rel: str) -> bool:
-    try:
-        return path.is_file() and audio_digest(path) == manifest.files.get(rel)
-    except RuntimeError:  # unreadable (truncated) audio
-        return False
-
-
-class Arrangement:
-    """An arrangement directory: manifest.json plus audio files, written atomically (module docstring)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path).expanduser()
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / MANIFEST_NAME
-
-    def exists(self) -> bool:
-        return self.manifest_path.is_file()
-
-    def read_manifest(self) -> Manifest:
-        return Manifest.load(self.manifest_path)
-
-    def holds_another(self, other: Manifest, how: str, commands: str) -> InputError:
-        """The error for an output directory that holds an arrangement this one must not overwrite."""
-        return InputError(f"{self.path} already holds another arrangement ({', '.join(other.layer_names) or 'no layers'}"
-                          f", created {other.created:%Y-%m-%d %H:%M}){how}. Choose another output directory, or "
-                          f"{commands} {self.path}`")
-
-    def check_new(self, arrangement_id: str) -> None:
-        """Refuse a directory that holds another arrangement, or files an arrangement would overwrite."""
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"{self.path}: exists and is not a directory; choose an output directory")
-        if self.exists():
-            other = self.read_manifest()
-            if other.arrangement_id != arrangement_id:
-                raise self.holds_another(other, "", "work on that one with `stage-stack add/redo/show")
-            return
-        clashes = [rel for rel in self._owned_files() if rel != MANIFEST_NAME]
-        if clashes:
-            raise InputError(f"{self.path} holds files an arrangement would overwrite ({', '.join(clashes[:5])}) "
-                             "but no manifest.json; choose an empty or new output directory")
-
-    def _owned_files(self) -> list[str]:
-        if not self.path.is_dir():
-            return []
-        found = []
-        for path in self.path.rglob("*"):
-            rel = path.relative_to(self.path).as_posix()
-            if path.is_file() and _OWNED.match(rel):
-                found.append(rel)
-        return sorted(found)
-
-    def commit(self, manifest: Manifest, files: Mapping[str, np.ndarray]) -> None:
-        """Write `files` under temp names, replace the manifest (the commit point), rename them.
-
-        Then the files the previous manifest referenced and this one does not are deleted.
-        """
-        previous = set(self.read_manifest().files) if self.exists() else set()
-        self.path.mkdir(parents=True, exist_ok=True)
-        temps: dict[str, Path] = {}
-        committed = False
-        try:
-            for rel, audio in files.items():
-                path = self.path / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temps[rel] = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.wav"
-                manifest.files[rel] = _write_wav(temps[rel], audio, manifest.sample_rate)
-            expected = expected_files(manifest)
-            manifest.files = {rel: manifest.files[rel] for rel in sorted(expected) if rel in manifest.files}
-            manifest.save(self.manifest_path)  # the commit point
-            committed = True
-            for rel, tmp in temps.items():
-                os.replace(tmp, self.path / rel)
-        finally:
-            if not committed:  # after the commit point the temp files are the new state: keep them
-                for tmp in temps.values():
-                    tmp.unlink(missing_ok=True)
-        for rel in sorted(previous - set(manifest.files)):
-            (self.path / rel).unlink(missing_ok=True)
-        self.remove_leftovers(manifest)
-
-    def finish_renames(self, manifest: Manifest) -> list[str]:
-        """After a crash between the commit point and the renames: move each temp file whose
-        samples are what the manifest expects into place."""
-        finished = []
-        for rel, digest in manifest.files.items():
-            path = self.path / rel
-            if _matches(path, manifest, rel):
-                continue
-            for tmp in sorted(path.parent.glob(f".{path.name}.*.tmp.wav")):
-                if audio_digest(tmp) == digest:
-                    os.replace(tmp, path)
-                    finished.append(rel)
-                    break
-        return finished
-
-    def remove_leftovers(self, manifest: Manifest) -> list[str]:
-        """Delete temp files, and candidate takes the manifest does not reference (nothing else)."""
-        removed = []
-        for folder in [self.path, self.path / "stems", *sorted((self.path / "candidates").glob("*"))]:
-            if not folder.is_dir():
-                continue
-            for path in sorted(folder.iterdir()):
-                rel = path.relative_to(self.path).as_posix()
-                orphan_take = _TAKE.match(rel) and rel not in manifest.files
-                if path.is_file() and (_TEMP.match(path.name) or orphan_take):
-                    path.unlink()
-                    removed.append(rel)
-        for folder in sorted((self.path / "candidates").glob("*"), reverse=True):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        return removed
-
-    def read(self, rel: str, manifest: Manifest) -> np.ndarray:
-        """An audio file of the arrangement, checked against the manifest's sha256."""
-        path = self.path / rel
-        try:
-            data, rate, digest = _read_with_digest(path)
-        except (OSError, RuntimeError):  # missing or unreadable
-            digest = None
-        if digest is None or digest != manifest.files.get(rel):
-            raise ArrangementError(f"{path}: missing, or changed since it was written (sha256 differs from "
-                                   f"{MANIFEST_NAME}). Restore it, or regenerate its layer with `stage-stack redo`")
-        if rate != manifest.sample_rate or data.shape[1] != 1:
-            raise ArrangementError(f"{path}: {data.shape[1]} channel(s) at {rate} Hz, but the arrangement is mono "
-                                   f"at {manifest.sample_rate} Hz")
-        return data[:, 0].copy()
-
-
-def expected_files(manifest: Manifest) -> set[str]:
-    files = {MIX_FILE}
-    if manifest.context is not None:
-        files.add(CONTEXT_FILE)
-    for layer in manifest.layers:
-        files.add(stem_file(layer.name))
-        files.update(layer.files)
-    return files
-
-
-# -- a song -----------------------------------------------------------------------------------
-
-@dataclass
-class Song:
-    """An arrangement in memory: its manifest, the context, every layer's candidates and the mix.
-
-    When `path` is set (the song was arranged with `out=`, opened, or saved), every change is
-    written there atomically.
-    """
-
-    manifest: Manifest
-    context: np.ndarray | None  # the input mix at the song's rate, [samples]
-    candidates: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> [candidates, samples]
-    mix: np.ndarray | None = None
-    path: Path | None = None
-
-    @property
-    def sample_rate(self) -> int:
-        return self.manifest.sample_rate
-
-    @property
-    def layers(self) -> list[str]:
-        return self.manifest.layer_names
-
-    @property
-    def stems(self) -> dict[str, np.ndarray]:
-        """The picked candidate of each layer, in layer order, [samples] at `sample_rate`."""
-        return {layer.name: self.candidates[layer.name][layer.picked] for layer in self.manifest.layers}
-
-    @property
-    def stale(self) -> list[str]:
-        """Layers generated against an earlier state of the layers before them (see `Arranger.redo`)."""
-        return self.manifest.stale_layers()
-
-    # -- mixing -----------------------------------------------------------------------------
-    def render_mix(self, upto: int | None = None) -> np.ndarray:
-        """The limited mix of the context and the picked stems of the first `upto` layers (all: None)."""
-        m = self.manifest
-        layers = m.layers if upto is None else m.layers[:upto]
-        stems = [(self.candidates[layer.name][layer.picked], layer.gain_db) for layer in layers]
-        return render_mix(self.context, stems, m.sample_rate, m.samples, m.limiter.settings())
-
-    def _derived(self, names: Sequence[str] = ()) -> dict[str, np.ndarray]:
-        self.mix = self.render_mix()
-        files = {MIX_FILE: self.mix}
-        for name in names:
-            files[stem_file(name)] = self.stems[name]
-        return files
-
-    def _persist(self, sources: Mapping[str, np.ndarray] | None = None, stems: Sequence[str] = ()) -> None:
-        derived = self._derived(stems)
-        if self.path is not None:
-            Arrangement(self.path).commit(self.manifest, {**(sources or {}), **derived})
-
-    # -- session operations that need no expert --------------------------------------------
-    def pick(self, name: str, candidate: int) -> "Song":
-        """Use another candidate of a layer; re-renders the mix. Later layers become stale."""
-        layer = self.manifest.layer(name)
-        if not 0 <= candidate < layer.candidates:
-            raise InputError(f"layer {name!r} has {layer.candidates} candidate(s), numbered 0 to "
-                             f"{layer.candidates - 1}; got {candidate}")
-        layer.picked = candidate
-        self.manifest.log("pick", f"{name} {candidate}")
-        self._persist(stems=[name])
-        return self
-
-    def remove(self, name: str) -> "Song":
-        """Remove a layer and its files; re-renders the mix. Later layers become stale."""
-        index = self.manifest.index(name)
-        del self.manifest.layers[index]
-        del self.candidates[name]
-        self.manifest.log("remove", name)
-        self._persist()
-        return self
-
-    def remix(self, gains: Mapping[str, float] | None = None) -> "Song":
-        """Re-render the mix, optionally with new gains {layer: dB}."""
-        for name, gain in (gains or {}).items():
-            if not (np.isfinite(gain) and -60.0 <= gain <= 24.0):
-                raise InputError(f"gain for {name!r} must be from -60 to +24 dB, got {gain!r}")
-            self.manifest.layer(name).gain_db = float(gain)
-        self.manifest.log("mix", ", ".join(f"{k} {v:+g} dB" for k, v in (gains or {}).items()))
-        self._persist()
-        return self
-
-    # -- files ------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the whole arrangement to `directory` (WAV stems, candidates, mix, manifest.json)."""
-        store = Arrangement(directory)
-        if self.path is not None and store.path.resolve() == Path(self.path).resolve():
-            self._persist(stems=self.layers)
-            return store.path
-        store.check_new(self.manifest.arrangement_id)
-        sources: dict[str, np.ndarray] = {}
-        if self.context is not None:
-            sources[CONTEXT_FILE] = self.context
-        for layer in self.manifest.layers:
-            for i, rel in enumerate(layer.files):
-                sources[rel] = self.candidates[layer.name][i]
-        self.path = store.path
-        self._persist(sources, stems=self.layers)
-        return store.path
-
-    @classmethod
-    def open(cls, directory: str | os.PathLike) -> "Song":
-        """Reopen an arrangement directory: finishes or undoes an interrupted write, then loads it."""
-        store = Arrangement(directory)
-        if not store.exists():
-            raise ArrangementError(f"{store.path}: not an arrangement (no {MANIFEST_NAME}); create one with "
-                                   "`stage-stack arrange ... -o DIR`")
-        manifest = store.read_manifest()
-        store.finish_renames(manifest)
-        store.remove_leftovers(manifest)
-        context = store.read(CONTEXT_FILE, manifest) if manifest.context is not None else None
-        candidates = {layer.name: np.stack([store.read(rel, manifest) for rel in layer.files])
-                      for layer in manifest.layers}
-        song = cls(manifest, context, candidates, path=store.path)
-        derived = song._derived(song.layers)
-        stale = {rel: audio for rel, audio in derived.items() if not _matches(store.path / rel, manifest, rel)}
-        if stale:  # derived files that do not match the manifest (lost temp files): render them again
-            store.commit(manifest, stale)
-        return song
-
-    def summary(self) -> str:
-        """A human-readable description (what `stage-stack show` prints)."""
-        return describe(self.manifest, self.path)
-
-
-def _committed(store: Arrangement, record: LayerRecord) -> bool:
-    """Whether the arrangement on disk already has this take of the layer."""
-    try:
-        on_disk = store.read_manifest()
-    except ArrangementError:
-        return False
-    return any(layer.name == record.name and layer.take == record.take for layer in on_disk.layers)
-
-
-def describe(manifest: Manifest, path: str | os.PathLike | None = None) -> str:
-    """Describe an arrangement from its manifest: song settings, then one line per layer."""
-    m = manifest
-    bpm = "none" if m.bpm is None else f"{m.bpm:g}" + (" (default)" if m.bpm_source == "default" else "")
-    lines = [f"arrangement {m.arrangement_id}  ({path or 'not saved'})",
-             f"  {m.duration:g} s at {m.sample_rate} Hz, BPM {bpm}, click {m.click}, seed {m.seed}",
-             f"  context: {m.context.source if m.context else 'none'}"]
-    stale = set(m.stale_layers())
-    for i, layer in enumerate(m.layers):
-        picked = f"candidate {layer.picked} of {layer.candidates}"
-        flag = "  [stale: an earlier layer changed since; `redo` it]" if layer.name in stale else ""
-        lines.append(f"  {i + 1}. {layer.name} ({layer.instrument}): take {layer.take}, {picked}, seed {layer.seed}, "
-                     f"{layer.gain_db:+g} dB, click {layer.click}, {len(layer.window_plan.windows)} window(s), "
-                     f"{layer.timings.total_s:.1f} s{flag}")
-        if layer.prompt:
-            lines.append(f"     prompt: {layer.prompt!r}")
-    if not m.layers:
-        lines.append("  no layers yet")
-    return "\n".join(lines)
-
-
-# -- the arranger -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ArrangePlan:
@@ -883,7 +461,7 @@ class Arranger:
                 sources = {rel: audio[i] for i, rel in enumerate(record.files)}
                 Arrangement(song.path).commit(m, {**sources, **derived})
         except BaseException:
-            if song.path is None or not _committed(Arrangement(song.path), record):
+            if song.path is None or not Arrangement(song.path).has_take(record):
                 m.layers[:], song.candidates, song.mix, m.files = before
             raise
 
@@ -938,3 +516,4 @@ class Arranger:
             conditioned_on=m.state_before(index), window_plan=result.plan,
             timings=LayerTimings(**{k: round(v, 6) for k, v in timings.model_dump().items()}), created=now())
         return audio.astype(np.float32), record
+

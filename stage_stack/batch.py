@@ -31,8 +31,10 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .arranger import Arranger, Layer, Song
+from .arranger import Arranger
 from .errors import InputError
+from .layer import Layer
+from .song import Song
 from .atomic import atomic_write_text
 from .manifest import LayerSpec
 from .mixing import ClickMode

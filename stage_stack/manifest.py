@@ -1,6 +1,6 @@
 """manifest.json: everything needed to reproduce an arrangement, versioned.
 
-An arrangement directory holds this file plus its audio (see stage_stack.arranger). The
+An arrangement directory holds this file plus its audio (see stage_stack.arrangement). The
 manifest records, per layer, the expert (id and sha256), the prompt, seed, sampling parameters,
 candidates and the picked one, gain, click mode, window plan and timings; and for the song the
 sample rate, duration, BPM, context (sha256), registry source, limiter settings and the library
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .atomic import atomic_write_text
 from .errors import ArrangementError
@@ -83,18 +83,21 @@ class ExpertRecord(_Model):
     dtype: str
 
 
-class LayerSpec(_Model):
-    """A layer as requested (the fields of `stage_stack.Layer`); None = the default."""
+def _layer_spec_fields() -> dict:
+    """LayerSpec's fields: Layer's, in order, with its type and default (one list for both)."""
+    import dataclasses
+    import typing
 
-    instrument: str
-    name: str | None = None
-    prompt: str | None = None
-    seed: int | None = None
-    gain_db: float | None = None
-    candidates: int = 1
-    click: ClickMode | None = None
-    sampling: SamplingRecord | None = None
-    pick: int = 0
+    from .layer import RECORDED_AS, Layer
+
+    hints = typing.get_type_hints(Layer)
+    hints["params"] = SamplingRecord | None  # recorded as a pydantic model, not the dataclass
+    return {RECORDED_AS.get(f.name, f.name): (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(Layer)}
+
+
+LayerSpec = create_model("LayerSpec", __base__=_Model, __module__=__name__, **_layer_spec_fields())
+LayerSpec.__doc__ = "A layer as requested (the fields of `stage_stack.Layer`); None = the default."
 
 
 class LayerTimings(_Model):

@@ -12,7 +12,8 @@ import soundfile as sf
 from arranger_helpers import FAST_CODEC, SHORT_WINDOW, SR, band, heard, make_band  # noqa: F401
 from stage_stack import Arranger, Layer, Song
 from stage_stack import arranger as arranger_module
-from stage_stack.arranger import audio_digest
+from stage_stack import arrangement as arrangement_module
+from stage_stack.arrangement import audio_digest
 from stage_stack.errors import ArrangementError, InputError, IntegrityError
 from stage_stack.mixing import render_mix
 from stage_stack.testing import make_tiny_expert
@@ -166,10 +167,10 @@ def test_crash_after_the_commit_point_is_finished_on_open(band, tmp_path, monkey
             raise KeyboardInterrupt  # the manifest is committed, the derived files are not renamed yet
         return real_replace(src, dst)
 
-    monkeypatch.setattr(arranger_module.os, "replace", crash_on_audio)
+    monkeypatch.setattr(arrangement_module.os, "replace", crash_on_audio)
     with pytest.raises(KeyboardInterrupt):
         arranger.add(song, "bass")
-    monkeypatch.setattr(arranger_module.os, "replace", real_replace)
+    monkeypatch.setattr(arrangement_module.os, "replace", real_replace)
     assert not (out / "stems/bass.wav").exists()
     reopened = Song.open(out)  # re-renders the derived files the manifest describes
     assert reopened.layers == ["drums", "bass"]
@@ -248,7 +249,7 @@ def test_a_write_that_fails_before_the_commit_point_changes_nothing(band, tmp_pa
     def disk_full(self, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(arranger_module.Manifest, "save", disk_full)
+    monkeypatch.setattr(arrangement_module.Manifest, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         arranger.add(song, "bass")
     assert song.layers == ["drums"] and "bass" not in song.candidates  # the Song in memory

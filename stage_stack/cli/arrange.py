@@ -160,7 +160,7 @@ def _finish(song, quiet: bool, bars: ProgressBars) -> None:
 
 def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tuple[str, ...],
                   prompts: tuple[str, ...], gains: tuple[str, ...], click_mode: str | None):
-    from ..arranger import Layer
+    from ..layer import Layer
 
     pairs = [entry for item in instruments for entry in parse_layers(item)] + parse_layers(add or "")
     if not pairs:
@@ -244,7 +244,7 @@ def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, can
 
 
 def _open(directory: Path):
-    from ..arranger import Song
+    from ..song import Song
 
     return Song.open(directory)
 
@@ -262,7 +262,7 @@ def _open(directory: Path):
 def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, experts, device_map, max_memory, dtype,
         quiet):
     """Add LAYER (`instrument` or `name=instrument`) to the arrangement in DIRECTORY."""
-    from ..arranger import Layer
+    from ..layer import Layer
 
     bars = ProgressBars(quiet)
     with user_errors():
@@ -338,7 +338,8 @@ def mix(directory, gains, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest.")
 def show(directory, as_json):
     """Describe the arrangement in DIRECTORY (reads only its manifest)."""
-    from ..arranger import Arrangement, describe
+    from ..arrangement import Arrangement
+    from ..song import describe
 
     with user_errors():
         store = Arrangement(directory)

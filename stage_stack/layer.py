@@ -1,0 +1,84 @@
+"""`Layer`: one layer of an arrangement as the user asks for it (the API's dataclass).
+
+Its fields are the single list both the API and the manifest use: `manifest.LayerSpec` (what
+`arrange` was asked for, recorded so that the same call resumes) is built from them, with
+`params` (a SamplingParams) recorded as `sampling` (a manifest.SamplingRecord).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import InputError
+from .generation import SamplingParams
+from .inputs import MAX_CANDIDATES
+from .mixing import CLICK_MODES, ClickMode
+
+LAYER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # layer names become file names
+RECORDED_AS = {"params": "sampling"}  # Layer field -> its LayerSpec field, where the two differ
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of an arrangement. Every field but `instrument` has a default.
+
+    instrument  the instrument (its expert plays the layer)
+    name        the layer's name, needed when an instrument is used twice (default: instrument)
+    prompt      text prompt for text-conditioned experts (default: the instrument's default prompt)
+    seed        sampling seed (default: the song's seed + the layer's position)
+    gain_db     mix gain in dB (default: the instrument's registry default, else 0)
+    candidates  variations generated in one batch; all are kept, `pick` is the one used
+    click       "none", "mix+click" or "click" (default: the song's click mode)
+    params      sampling parameters (default: SamplingParams(), the reference's)
+    pick        which candidate the next layers hear (default: the first)
+    """
+
+    instrument: str
+    name: str | None = None
+    prompt: str | None = None
+    seed: int | None = None
+    gain_db: float | None = None
+    candidates: int = 1
+    click: ClickMode | None = None
+    params: SamplingParams | None = None
+    pick: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.instrument, str) or not self.instrument:
+            raise InputError(f"Layer.instrument must be an instrument name, got {self.instrument!r}")
+        if self.name is not None and not LAYER_NAME.match(self.name):
+            raise InputError(f"layer name {self.name!r} is not usable as a file name; use letters, digits, "
+                             "'_', '-' or '.' (up to 64 characters, starting with a letter or digit)")
+        if self.name is None and not LAYER_NAME.match(self.instrument):
+            raise InputError(f"instrument {self.instrument!r} needs a layer name usable as a file name: "
+                             f"Layer({self.instrument!r}, name='...')")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or \
+                not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise InputError(f"layer {self.key!r}: candidates must be an integer from 1 to {MAX_CANDIDATES}, "
+                             f"got {self.candidates!r}")
+        if not isinstance(self.pick, int) or not 0 <= self.pick < self.candidates:
+            raise InputError(f"layer {self.key!r}: pick {self.pick!r} is not one of its {self.candidates} "
+                             f"candidate(s) (numbered from 0)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise InputError(f"layer {self.key!r}: seed must be a non-negative integer, got {self.seed!r}")
+        if self.gain_db is not None and not (np.isfinite(self.gain_db) and -60.0 <= self.gain_db <= 24.0):
+            raise InputError(f"layer {self.key!r}: gain_db must be from -60 to +24 dB, got {self.gain_db!r}")
+        if self.click is not None and self.click not in CLICK_MODES:
+            raise InputError(f"layer {self.key!r}: click must be one of {', '.join(CLICK_MODES)}, got {self.click!r}")
+
+    @property
+    def key(self) -> str:
+        """The layer's name: `name`, else the instrument."""
+        return self.name or self.instrument
+
+    def spec(self):
+        """This layer as a manifest.LayerSpec (field for field)."""
+        from .manifest import LayerSpec, SamplingRecord
+
+        values = {RECORDED_AS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        if values["sampling"] is not None:
+            values["sampling"] = SamplingRecord.of(values["sampling"])
+        return LayerSpec(**values)
