@@ -33,7 +33,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+ContextSource = Union[str, os.PathLike, np.ndarray, ContextAudio, None]  # what `context=` accepts
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ class Arranger:
     def arrange(
         self,
         layers: Sequence[str | Layer],
-        context: str | os.PathLike | np.ndarray | None = None,
+        context: ContextSource = None,
         *,
         bpm: float | None = None,
         duration: float | None = None,
@@ -308,9 +309,24 @@ class Arranger:
             self.run_layer(song, layer, callback, position=(position, len(pending)))
         return song
 
-    def validate(self, layers, context=None, *, bpm=None, duration=None, seed=0, click=None,
-                 context_sample_rate=None, out=None, sample_rate=None) -> "ArrangePlan":
-        """Check an `arrange` call without doing any work (InputError & co. on bad input)."""
+    def validate(
+        self,
+        layers: Sequence[str | Layer],
+        context: ContextSource = None,
+        *,
+        bpm: float | None = None,
+        duration: float | None = None,
+        seed: int = 0,
+        click: ClickMode | None = None,
+        context_sample_rate: int | None = None,
+        out: str | os.PathLike | None = None,
+        sample_rate: int | None = None,
+        allow_empty: bool = False,
+    ) -> "ArrangePlan":
+        """Check an `arrange` call without doing any work (InputError & co. on bad input).
+
+        allow_empty  accept no layers (a song that gets its layers later with `add`; see `start`)
+        """
         layers = self._as_layers(layers)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
@@ -322,7 +338,10 @@ class Arranger:
         else:
             bpm_source = None if bpm is None else "given"
         song_click = self._song_click(click, bpm)
-        self._check(layers, [], bpm, song_click)
+        if layers or not allow_empty:
+            self._check(layers, [], bpm, song_click)
+        if not (sample_rate or self.sample_rate or ctx is not None or layers):
+            raise InputError("a song without layers or context needs its sample rate: pass sample_rate=...")
         rate = sample_rate or self.sample_rate or (ctx.sample_rate if ctx is not None else
                                                    max(self._metadata(l.instrument).sample_rate for l in layers))
         request = ArrangeRequest(layers=[l.spec() for l in layers], context_sha256=ctx.sha256 if ctx else None,
@@ -339,11 +358,24 @@ class Arranger:
                 store.check_new(arrangement_id="")
         return ArrangePlan(layers, ctx, bpm, bpm_source, duration, seed, song_click, rate, request, store)
 
-    def prepare(self, layers, context=None, *, bpm=None, duration=None, seed=0, click=None,
-                context_sample_rate=None, out=None, sample_rate=None) -> tuple[Song, list[Layer]]:
+    def prepare(
+        self,
+        layers: Sequence[str | Layer],
+        context: ContextSource = None,
+        *,
+        bpm: float | None = None,
+        duration: float | None = None,
+        seed: int = 0,
+        click: ClickMode | None = None,
+        context_sample_rate: int | None = None,
+        out: str | os.PathLike | None = None,
+        sample_rate: int | None = None,
+        allow_empty: bool = False,
+    ) -> tuple[Song, list[Layer]]:
         """Validate everything and create (or reopen, to resume) the song; returns it and the layers to run."""
         plan = self.validate(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
-                             context_sample_rate=context_sample_rate, out=out, sample_rate=sample_rate)
+                             context_sample_rate=context_sample_rate, out=out, sample_rate=sample_rate,
+                             allow_empty=allow_empty)
         layers, ctx, bpm, bpm_source, duration, rate, store = (plan.layers, plan.context, plan.bpm, plan.bpm_source,
                                                                plan.duration, plan.sample_rate, plan.store)
         if store is not None and store.exists():  # the same request: resume
@@ -367,6 +399,25 @@ class Arranger:
         else:
             song.mix = song.render_mix()
         return song, layers
+
+    def start(
+        self,
+        context: ContextSource = None,
+        *,
+        bpm: float | None = None,
+        duration: float | None = None,
+        seed: int = 0,
+        click: ClickMode | None = None,
+        out: str | os.PathLike | None = None,
+        sample_rate: int | None = None,
+    ) -> Song:
+        """A new song with no layers yet (add them with `add`): from a click, or on `context`.
+
+        Without a context the song's rate must be known: `sample_rate`, or the Arranger's.
+        """
+        song, _ = self.prepare([], context, bpm=bpm, duration=duration, seed=seed, click=click, out=out,
+                               sample_rate=sample_rate, allow_empty=True)
+        return song
 
     def add(self, song: Song, layer: str | Layer, *, callback: ProgressCallback | None = None) -> Song:
         """Add a layer at the end of the song, hearing the current mix."""

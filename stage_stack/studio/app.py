@@ -33,6 +33,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import StageStackError
 from ..export import ExportOptions, export_files, zip_bytes
@@ -84,6 +85,11 @@ def create_app(studio: Studio, token: str | None = None) -> FastAPI:
             loc = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path", "form"))
             parts.append(f"field '{loc or '<request>'}': {err['msg']}")
         return _error(422, "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = "no such page or API route" if e.status_code == 404 else str(e.detail)
+        return _error(e.status_code, f"{message}: {request.method} {request.url.path}")
 
     @app.exception_handler(KeyError)
     async def no_job(request: Request, e: KeyError):

@@ -161,8 +161,8 @@ class Studio:
     def new_song(self, request: NewSong) -> dict:
         directory = self._new_dir(request.name)
         self.jobs.check_idle(request.name)
-        self.arranger.prepare([], None, bpm=request.bpm, duration=request.duration, seed=request.seed,
-                              click=request.click, out=directory, sample_rate=self.song_rate())
+        self.arranger.start(None, bpm=request.bpm, duration=request.duration, seed=request.seed, click=request.click,
+                            out=directory, sample_rate=self.song_rate())
         return self.state(request.name)
 
     def upload_song(self, name: str, filename: str, read_chunk: Callable[[int], bytes], bpm: float | None,
@@ -188,7 +188,7 @@ class Studio:
                     f.write(chunk)
             context = replace(read_context_file(tmp), source=base)
             # the song's rate is the context's (as with `stage-stack arrange --context`)
-            self.arranger.prepare([], context, bpm=bpm, seed=seed, out=directory)
+            self.arranger.start(context, bpm=bpm, seed=seed, out=directory)
         finally:
             tmp.unlink(missing_ok=True)
             if uploads.is_dir() and not any(uploads.iterdir()):
