@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .hookspecs import hookimpl  # noqa: E402  (plugins write `@stage_stack.hookimpl`)
 
-_LAZY = {"Arranger": "arranger", "Layer": "layer", "Song": "song"}  # torch loads on first use, not on import
+_LAZY = {"Arranger": "arranger", "Layer": "layer", "Song": "song",
+         "undo": "song", "history": "song", "prune": "song"}  # torch loads on first use, not on import
 
 
 def __getattr__(name: str):

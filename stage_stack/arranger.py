@@ -31,6 +31,7 @@ import secrets
 import time
 import uuid
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, Union
@@ -47,7 +48,7 @@ from .generation import SamplingParams
 from .inputs import DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, load_context
 from .layer import Layer
 from .manifest import (ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerTimings, LimiterRecord, Manifest,
-                       RegistryRecord, SamplingRecord, now)
+                       RegistryRecord, SamplingRecord, now, parse_state)
 from .mixing import CLICK_GAIN_DB, CLICK_MODES, ClickMode, LimiterSettings, conditioning_audio, fit_length, metronome
 from .pipeline import render_stem, window_plan_for
 from .placement import (DeviceInventory, DeviceMap, ExpertPool, check_device_map, expert_nbytes, parse_max_memory,
@@ -294,6 +295,7 @@ class Arranger:
         context_sample_rate: int | None = None,
         out: str | os.PathLike | None = None,
         callback: ProgressCallback | None = None,
+        wait: bool | float = False,
     ) -> Song:
         """Generate `layers` in order on top of `context`; returns the Song (written to `out` if given).
 
@@ -302,11 +304,13 @@ class Arranger:
         duration  seconds; default: the context's length, else 10 s
         seed      the song's seed; layer i uses seed + i unless the layer sets its own
         out       an arrangement directory; rerunning the same call there resumes it
+        wait      when another process is changing `out`: False fails at once, True waits
         """
-        song, pending = self.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
-                                     context_sample_rate=context_sample_rate, out=out)
-        for position, layer in enumerate(pending):
-            self.run_layer(song, layer, callback, position=(position, len(pending)))
+        with Arrangement(out).lock(wait) if out is not None else nullcontext():
+            song, pending = self.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
+                                         context_sample_rate=context_sample_rate, out=out, wait=wait)
+            for position, layer in enumerate(pending):
+                self.run_layer(song, layer, callback, position=(position, len(pending)))
         return song
 
     def validate(
@@ -371,6 +375,7 @@ class Arranger:
         out: str | os.PathLike | None = None,
         sample_rate: int | None = None,
         allow_empty: bool = False,
+        wait: bool | float = False,
     ) -> tuple[Song, list[Layer]]:
         """Validate everything and create (or reopen, to resume) the song; returns it and the layers to run."""
         plan = self.validate(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
@@ -379,7 +384,7 @@ class Arranger:
         layers, ctx, bpm, bpm_source, duration, rate, store = (plan.layers, plan.context, plan.bpm, plan.bpm_source,
                                                                plan.duration, plan.sample_rate, plan.store)
         if store is not None and store.exists():  # the same request: resume
-            song = Song.open(store.path)
+            song = Song.open(store.path, wait=wait)
             return song, [layer for layer in layers if layer.key not in song.layers]
 
         manifest = Manifest(
@@ -393,7 +398,7 @@ class Arranger:
                                              channels=ctx.channels, seconds=round(ctx.seconds, 6))
             context_audio = fit_length(resample(ctx.audio, ctx.sample_rate, rate), manifest.samples)
         manifest.log("arrange", ", ".join(l.key for l in layers))
-        song = Song(manifest, context_audio)
+        song = Song(manifest, context_audio, wait=wait)
         if store is not None:
             song.save(store.path)
         else:
@@ -410,29 +415,37 @@ class Arranger:
         click: ClickMode | None = None,
         out: str | os.PathLike | None = None,
         sample_rate: int | None = None,
+        wait: bool | float = False,
     ) -> Song:
         """A new song with no layers yet (add them with `add`): from a click, or on `context`.
 
         Without a context the song's rate must be known: `sample_rate`, or the Arranger's.
         """
         song, _ = self.prepare([], context, bpm=bpm, duration=duration, seed=seed, click=click, out=out,
-                               sample_rate=sample_rate, allow_empty=True)
+                               sample_rate=sample_rate, allow_empty=True, wait=wait)
         return song
 
-    def add(self, song: Song, layer: str | Layer, *, callback: ProgressCallback | None = None) -> Song:
-        """Add a layer at the end of the song, hearing the current mix."""
+    def add(self, song: Song, layer: str | Layer, *, callback: ProgressCallback | None = None,
+            force: bool = False) -> Song:
+        """Add a layer at the end of the song, hearing the current mix.
+
+        force  overwrite a hand-edited mix.wav (or a stems/NAME.wav stage-stack did not write)
+        """
         (layer,) = self._as_layers([layer])
         self._check([layer], song.layers, song.manifest.bpm, song.manifest.click)
-        song.manifest.log("add", layer.key)
-        self.run_layer(song, layer, callback)
+        with song.writing():
+            song.manifest.log("add", layer.key)
+            self.run_layer(song, layer, callback, force=force)
         return song
 
     def redo(self, song: Song, name: str, *, seed: int | None = None, prompt: str | None = None,
-             downstream: bool = False, callback: ProgressCallback | None = None) -> Song:
+             downstream: bool = False, callback: ProgressCallback | None = None, force: bool = False) -> Song:
         """Regenerate a layer with a new seed (random if not given) and/or prompt.
 
         With `downstream`, the layers after it are regenerated too (same seeds and prompts), so
-        they hear the new take. The new take's first candidate is picked.
+        they hear the new take. The new take's first candidate is picked. Earlier takes stay on
+        disk (`Song.undo` goes back to them) until `Song.prune`. A layer whose candidate files were
+        deleted is regenerated from what the manifest records. `force` overwrites hand-edited stems/mix.
         """
         index = song.manifest.index(name)
         old = song.manifest.layers[index]
@@ -444,9 +457,10 @@ class Arranger:
             todo += [(j, replace(self._layer_of(rec), pick=0)) for j, rec in enumerate(song.manifest.layers)
                      if j > index]
         self._prepare_experts([layer.instrument for _, layer in todo])
-        song.manifest.log("redo", f"{name} seed {redo_seed}" + (" and later layers" if downstream else ""))
-        for position, (_, layer) in enumerate(todo):
-            self.run_layer(song, layer, callback, position=(position, len(todo)))
+        with song.writing():
+            song.manifest.log("redo", f"{name} seed {redo_seed}" + (" and later layers" if downstream else ""))
+            for position, (_, layer) in enumerate(todo):
+                self.run_layer(song, layer, callback, position=(position, len(todo)), force=force)
         return song
 
     @staticmethod
@@ -456,15 +470,17 @@ class Arranger:
                      click=record.click_requested, params=record.sampling.params(), pick=record.picked)
 
     def reproduce(self, manifest_path: str | os.PathLike, out: str | os.PathLike | None = None,
-                  callback: ProgressCallback | None = None) -> Song:
+                  callback: ProgressCallback | None = None, wait: bool | float = False) -> Song:
         """Generate an arrangement again from its manifest: the same experts (sha256-checked), context,
         seeds, prompts, picks, gains and settings. On the same machine the audio is identical."""
         manifest_path = Path(manifest_path)
         m = Manifest.load(manifest_path)
-        stale = m.stale_layers()
+        # A stale layer is reproduced as it was made when the takes it heard are still the
+        # current ones (only a pick or a gain changed since); not when an earlier layer was redone.
+        stale = [name for name in m.stale_layers() if not _reproducible(m, m.layer(name))]
         if stale:
             warnings.warn(f"layers {', '.join(stale)} were generated before earlier layers changed; they are "
-                          "regenerated against the current picks, so they will differ from the originals", stacklevel=2)
+                          "regenerated against the current takes, so they will differ from the originals", stacklevel=2)
         self.adopt_experts(m)
         context = None
         if m.context is not None:
@@ -472,11 +488,15 @@ class Arranger:
             audio = store.read(CONTEXT_FILE, m)
             context = ContextAudio(audio, m.sample_rate, m.context.source, m.context.sha256, m.context.channels)
         layers = [self._layer_of(record) for record in m.layers]
-        song, pending = self.prepare(layers, context, bpm=m.bpm if m.bpm_source == "given" else None,
-                                     duration=m.duration, seed=m.seed, click=m.click, out=out,
-                                     sample_rate=m.sample_rate)
-        for position, layer in enumerate(pending):
-            self.run_layer(song, layer, callback, position=(position, len(pending)))
+        with Arrangement(out).lock(wait) if out is not None else nullcontext():
+            song, pending = self.prepare(layers, context, bpm=m.bpm if m.bpm_source == "given" else None,
+                                         duration=m.duration, seed=m.seed, click=m.click, out=out,
+                                         sample_rate=m.sample_rate, wait=wait)
+            for position, layer in enumerate(pending):
+                # Each layer hears the earlier ones as its record says it did (their pick and gain
+                # then), so a song whose gains or picks changed later is reproduced as it was made.
+                self.run_layer(song, layer, callback, position=(position, len(pending)),
+                               heard=_heard_in(m, m.layer(layer.key), song.manifest))
         for name in song.layers:  # expert files must be the recorded ones
             want, got = m.layer(name).expert.sha256, song.manifest.layer(name).expert.sha256
             if want and got != want:
@@ -485,39 +505,40 @@ class Arranger:
 
     # -- one layer --------------------------------------------------------------------------
     def run_layer(self, song: Song, layer: Layer, callback: ProgressCallback | None = None,
-                  position: tuple[int, int] = (0, 1)) -> None:
+                  position: tuple[int, int] = (0, 1), *, force: bool = False,
+                  heard: Mapping[str, str] | None = None) -> None:
         """Generate `layer` (appending it, or replacing the layer of that name) and commit it.
 
         `position` (this layer, layers in this call) is what progress reports count. If it fails
-        or is interrupted before its commit point, `song` is left as it was.
+        or is interrupted before its commit point, `song` is left as it was. The song's lock is
+        held throughout. `heard` ({layer: state}, a record's `conditioned_on`) makes the layer
+        hear earlier layers with those picks and gains instead of the current ones.
         """
-        m = song.manifest
-        names = m.layer_names
-        index = names.index(layer.key) if layer.key in names else len(names)
-        previous = m.layers[index] if index < len(names) else None
-        take = previous.take + 1 if previous is not None else 1
-        audio, record = self._render_layer(song, index, layer, take, callback, position)
-        before = (list(m.layers), dict(song.candidates), song.mix, dict(m.files))
-        try:
+        with song.writing():
+            m = song.manifest
+            names = m.layer_names
+            index = names.index(layer.key) if layer.key in names else len(names)
+            previous = m.layers[index] if index < len(names) else None
+            current = previous.take if previous is not None else 0
+            take = Arrangement(song.path).next_take(layer.key, current) if song.path is not None else current + 1
+            audio, record = self._render_layer(song, index, layer, take, callback, position, heard)
             if previous is None:
                 m.layers.append(record)
             else:
                 m.layers[index] = record
             song.candidates[record.name] = audio
+            song.damaged.pop(record.name, None)
             start = time.perf_counter()
             derived = song._derived([record.name])  # the new stem joins the mix
             record.timings.mix_s = round(record.timings.mix_s + time.perf_counter() - start, 6)
             record.timings.total_s = round(record.timings.total_s + time.perf_counter() - start, 6)
             if song.path is not None:
                 sources = {rel: audio[i] for i, rel in enumerate(record.files)}
-                Arrangement(song.path).commit(m, {**sources, **derived})
-        except BaseException:
-            if song.path is None or not Arrangement(song.path).has_take(record):
-                m.layers[:], song.candidates, song.mix, m.files = before
-            raise
+                Arrangement(song.path).commit(m, {**sources, **derived}, force=force)
 
     def _render_layer(self, song: Song, index: int, layer: Layer, take: int, callback: ProgressCallback | None,
-                      position: tuple[int, int]) -> tuple[np.ndarray, LayerRecord]:
+                      position: tuple[int, int], as_heard: Mapping[str, str] | None = None
+                      ) -> tuple[np.ndarray, LayerRecord]:
         m = song.manifest
         began = time.perf_counter()
         timings = LayerTimings()
@@ -527,7 +548,7 @@ class Arranger:
         timings.load_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        mix = song.render_mix(upto=index)
+        mix = song.render_mix(upto=index, heard=as_heard)
         mix_is_empty = m.context is None and index == 0
         requested = layer.click or m.click
         mode: ClickMode = "click" if mix_is_empty else requested
@@ -564,7 +585,30 @@ class Arranger:
             float(self._registry_default(layer.instrument, "default_gain_db", 0.0)),
             click=mode, click_requested=layer.click, take=take,
             files=[candidate_file(layer.key, take, i) for i in range(layer.candidates)],
-            conditioned_on=m.state_before(index), window_plan=result.plan,
+            conditioned_on=m.state_before(index, as_heard), window_plan=result.plan,
             timings=LayerTimings(**{k: round(v, 6) for k, v in timings.model_dump().items()}), created=now())
         return audio.astype(np.float32), record
 
+
+def _heard_in(original: Manifest, record: LayerRecord, copy: Manifest) -> dict[str, str]:
+    """`record.conditioned_on` in terms of `copy`'s takes: an earlier layer heard in the take the
+    original still has is heard in the copy's take of it, with the recorded pick and gain."""
+    out = {}
+    for name, state in record.conditioned_on.items():
+        if name == "<context>" or name not in original.layer_names or name not in copy.layer_names:
+            continue
+        take, picked, gain = parse_state(state)
+        if take == original.layer(name).take:
+            out[name] = f"{copy.layer(name).take}.{picked}" + ("" if gain is None else f" {gain:+g} dB")
+    return out
+
+
+def _reproducible(manifest: Manifest, record: LayerRecord) -> bool:
+    """Whether every layer `record` heard is still in the take it heard."""
+    for name, state in record.conditioned_on.items():
+        if name == "<context>":
+            if manifest.context is None or state != manifest.context.sha256:
+                return False
+        elif name not in manifest.layer_names or parse_state(state)[0] != manifest.layer(name).take:
+            return False
+    return True

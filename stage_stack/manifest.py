@@ -16,12 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .atomic import atomic_write_text
+from .confined import RelativePath
 from .errors import ArrangementError
 from .generation import SamplingParams
 from .longform import WindowPlan
@@ -118,8 +120,45 @@ class LayerTimings(_Model):
         return self.resample_s + self.encode_s + self.decode_s + self.stitch_s + self.mix_s
 
 
+def _check_layer_name(value: str) -> str:
+    from .layer import LAYER_NAME
+
+    if not LAYER_NAME.match(value):
+        raise ValueError(f"{value!r} is not a layer name (letters, digits, '_', '-', '.'; it names files)")
+    return value
+
+
+def _check_digest(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"{value!r} is not a sha256 (64 lowercase hex digits)")
+    return value
+
+
+LayerName = Annotated[str, AfterValidator(_check_layer_name)]
+Digest = Annotated[str, AfterValidator(_check_digest)]
+
+
+def parse_state(state: str) -> tuple[int, int, float | None]:
+    """(take, picked, gain_db) from a `LayerRecord.state`; gain None in states written before
+    gains were recorded ("2.1")."""
+    head, _, gain = state.partition(" ")
+    take, _, picked = head.partition(".")
+    return int(take), int(picked), float(gain.removesuffix(" dB")) if gain else None
+
+
+def same_state(recorded: str, now: str) -> bool:
+    """Whether a layer heard `now`'s state of an earlier layer (older manifests lack the gain)."""
+    if recorded == now:
+        return True
+    try:
+        (t1, p1, g1), (t2, p2, g2) = parse_state(recorded), parse_state(now)
+    except ValueError:
+        return False
+    return (t1, p1) == (t2, p2) and (g1 is None or g1 == g2)
+
+
 class LayerRecord(_Model):
-    name: str
+    name: LayerName
     instrument: str
     expert: ExpertRecord
     prompt: str | None = None  # the text the expert was given (None: no text)
@@ -132,8 +171,8 @@ class LayerRecord(_Model):
     click: ClickMode  # what this layer heard (the first layer of a song without context always hears the click)
     click_requested: ClickMode | None = None  # the layer's own setting, None = the song's
     take: int = Field(ge=1)  # 1, then +1 per redo
-    files: list[str]  # candidate files, relative to the arrangement
-    conditioned_on: dict[str, str]  # {earlier layer: "take.picked"} at generation time
+    files: list[RelativePath]  # candidate files, relative to the arrangement
+    conditioned_on: dict[str, str]  # {earlier layer: "take.picked gain dB"} at generation time
     window_plan: WindowPlan
     timings: LayerTimings
     created: dt.datetime
@@ -148,8 +187,8 @@ class LayerRecord(_Model):
 
     @property
     def state(self) -> str:
-        """What later layers heard of this one: its take and picked candidate."""
-        return f"{self.take}.{self.picked}"
+        """What later layers heard of this one: its take, picked candidate and gain ("2.1 -3 dB")."""
+        return f"{self.take}.{self.picked} {self.gain_db:+g} dB"
 
 
 class ContextRecord(_Model):
@@ -158,7 +197,7 @@ class ContextRecord(_Model):
     sample_rate: int  # of the source
     channels: int  # of the source, before the downmix to mono
     seconds: float
-    file: str = "context.wav"  # the mono copy at the song's rate inside the arrangement
+    file: RelativePath = "context.wav"  # the mono copy at the song's rate inside the arrangement
 
 
 class RegistryRecord(_Model):
@@ -179,7 +218,7 @@ class ArrangeRequest(_Model):
 
 class HistoryEntry(_Model):
     time: dt.datetime
-    action: str  # "arrange", "add", "pick", "redo", "remove", "mix"
+    action: str  # "arrange", "add", "pick", "redo", "remove", "mix", "undo", "prune"
     detail: str = ""
 
 
@@ -202,7 +241,9 @@ class Manifest(_Model):
     click_gain_db: float = -6.0
     request: ArrangeRequest | None = None
     layers: list[LayerRecord] = Field(default_factory=list)
-    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256 of its samples
+    files: dict[RelativePath, Digest] = Field(default_factory=dict)  # relative path -> sha256 of its samples
+    revision: int = Field(0, ge=0)  # +1 per commit; a writer refuses to commit over a revision it did not read
+    previous_revision: int | None = None  # the state `undo` restores (history/revision-N.json)
     history: list[HistoryEntry] = Field(default_factory=list)
 
     @field_validator("manifest_version")
@@ -228,16 +269,31 @@ class Manifest(_Model):
     def layer(self, name: str) -> LayerRecord:
         return self.layers[self.index(name)]
 
-    def state_before(self, index: int) -> dict[str, str]:
-        """What a layer at `index` hears: the context and the earlier layers' take and pick."""
-        state = {layer.name: layer.state for layer in self.layers[:index]}
+    def state_before(self, index: int, heard: dict[str, str] | None = None) -> dict[str, str]:
+        """What a layer at `index` hears: the context and the earlier layers' take, pick and gain
+        (`heard`: the states a reproduction used instead, where they are of the same take)."""
+        state = {}
+        for layer in self.layers[:index]:
+            state[layer.name] = layer.state
+            if heard and layer.name in heard:
+                take, picked, gain = parse_state(heard[layer.name])
+                if take == layer.take and picked < layer.candidates:
+                    state[layer.name] = heard[layer.name] if gain is not None else \
+                        f"{take}.{picked} {layer.gain_db:+g} dB"
         if self.context is not None:
             state["<context>"] = self.context.sha256
         return state
 
     def stale_layers(self) -> list[str]:
-        """Layers generated against earlier layers that were since picked, redone or removed."""
-        return [layer.name for i, layer in enumerate(self.layers) if layer.conditioned_on != self.state_before(i)]
+        """Layers generated against earlier layers that were since picked, redone, removed or re-gained."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            now = self.state_before(i)
+            heard = layer.conditioned_on
+            if set(heard) != set(now) or not all(same_state(heard[k], now[k]) for k in now if k != "<context>") \
+                    or heard.get("<context>") != now.get("<context>"):
+                out.append(layer.name)
+        return out
 
     def log(self, action: str, detail: str = "") -> None:
         self.updated = now()

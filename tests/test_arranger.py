@@ -37,7 +37,7 @@ def test_two_layers_from_nothing(band, heard):
     # the manifest says how to reproduce it
     assert [layer.seed for layer in m.layers] == [0, 1]
     assert m.layers[1].expert.sha256 == sha256_file(band["bass"])
-    assert m.layers[1].conditioned_on == {"drums": "1.0"}
+    assert m.layers[1].conditioned_on == {"drums": "1.0 +0 dB"}
     assert m.layers[0].window_plan.windows[-1].end_frame == 50  # 2 s at 25 frames/s
     assert m.layers[0].timings.generate_s > 0 and m.layers[0].timings.total_s >= m.layers[0].timings.generate_s
 

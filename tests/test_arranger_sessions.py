@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,9 @@ from stage_stack.testing import make_tiny_expert
 
 
 def files_in(folder) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """The song's files, without its lock file (which stays, see stage_stack.locks)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+                  and p.name != ".stage-stack.lock")
 
 
 def test_arrangement_directory(band, tmp_path):
@@ -75,20 +79,20 @@ def test_session_operations(band, tmp_path, heard):
     assert song.layers == ["drums", "bass", "keys", "pad"]
     np.testing.assert_array_equal(heard[-1]["context"], song.render_mix(upto=3))
 
-    # redo bass with a new seed: a new take, old files gone, the layers after it are now stale
+    # redo bass with a new seed: a new take (the old one stays on disk), the layers after it are now stale
     arranger.redo(song, "bass", seed=99)
     bass = song.manifest.layer("bass")
     assert (bass.take, bass.seed) == (2, 99) and song.stale == ["keys", "pad"]
-    assert "candidates/bass/take1-0.wav" not in files_in(out) and "candidates/bass/take2-0.wav" in files_in(out)
+    assert "candidates/bass/take1-0.wav" in files_in(out) and "candidates/bass/take2-0.wav" in files_in(out)
 
     # redo downstream: the later layers are generated again against the new take
     arranger.redo(song, "bass", seed=7, downstream=True)
     assert [song.manifest.layer(n).take for n in ("bass", "keys", "pad")] == [3, 2, 2]
     assert song.stale == []
 
-    # remove keys: its files go, the mix no longer has it, pad (which heard keys) is stale
+    # remove keys: its stem goes (its takes stay until prune), the mix no longer has it, pad is stale
     song.remove("keys")
-    assert not any("keys" in f for f in files_in(out))
+    assert "stems/keys.wav" not in files_in(out) and "candidates/keys/take2-0.wav" in files_in(out)
     stems = [(song.stems[n], song.manifest.layer(n).gain_db) for n in song.layers]
     assert np.array_equal(song.mix, render_mix(None, stems, SR, SR))
     assert song.stale == ["pad"]
@@ -182,14 +186,19 @@ def test_crash_after_the_commit_point_is_finished_on_open(band, tmp_path, monkey
 def test_open_cleans_leftovers_but_keeps_user_files(band, tmp_path):
     out = tmp_path / "song"
     Arranger(band).arrange(["drums"], duration=1.0, out=out)
-    (out / "stems" / ".bass.wav.1234abcd.tmp.wav").write_bytes(b"half written")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # the pid of a writer that has exited
+    ours = f"stems/.bass.wav.stage-stack-{gone}-1234abcd.tmp.wav"
+    (out / ours).write_bytes(b"half written")
+    (out / "stems" / ".bass.wav.1234abcd.tmp.wav").write_bytes(b"a user's file that looks like a temp file")
     (out / "candidates" / "bass").mkdir()
-    (out / "candidates" / "bass" / "take1-0.wav").write_bytes(b"orphan")
+    (out / "candidates" / "bass" / "take1-0.wav").write_bytes(b"a take of an undone change")
     (out / "notes.txt").write_text("mine")
     (out / "stems" / "vocals-idea.wav").write_bytes(b"mine too")  # a stems/ file not named by the manifest
     Song.open(out)
     remaining = files_in(out)
-    assert "stems/.bass.wav.1234abcd.tmp.wav" not in remaining and "candidates/bass/take1-0.wav" not in remaining
+    assert ours not in remaining
+    assert "stems/.bass.wav.1234abcd.tmp.wav" in remaining and "candidates/bass/take1-0.wav" in remaining
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "stems/vocals-idea.wav").read_bytes() == b"mine too"
 
@@ -198,8 +207,10 @@ def test_a_changed_candidate_file_is_reported(band, tmp_path):
     out = tmp_path / "song"
     song = Arranger(band).arrange(["drums"], duration=1.0, out=out)
     sf.write(str(out / "candidates/drums/take1-0.wav"), song.stems["drums"] * 0.5, SR, subtype="FLOAT")
-    with pytest.raises(ArrangementError, match="take1-0.wav: missing, or changed since it was written"):
-        Song.open(out)
+    reopened = Song.open(out)  # it opens (so that `redo` can regenerate the layer) ...
+    assert reopened.damaged == {"drums": ["candidates/drums/take1-0.wav"]}
+    with pytest.raises(ArrangementError, match="take1-0.wav missing or changed since it was written. Regenerate"):
+        reopened.stems  # ... and says what is wrong when the audio is needed
     with pytest.raises(ArrangementError, match="not an arrangement"):
         Song.open(tmp_path)
 
@@ -234,8 +245,9 @@ def test_reproduce_checks_the_experts(tmp_path):
 
 def test_reproduce_warns_about_stale_layers(band, tmp_path):
     out = tmp_path / "song"
-    song = Arranger(band).arrange([Layer("drums", candidates=2), "bass"], duration=1.0, out=out)
-    song.pick("drums", 1)
+    arranger = Arranger(band)
+    song = arranger.arrange([Layer("drums", candidates=2), "bass"], duration=1.0, out=out)
+    arranger.redo(song, "drums", seed=5)  # bass heard take 1, which the manifest can no longer regenerate
     with pytest.warns(UserWarning, match="bass were generated before earlier layers changed"):
         Arranger(band).reproduce(out / "manifest.json", out=tmp_path / "again")
 

@@ -98,7 +98,17 @@ def test_a_song_through_every_action(studio_client, tmp_path):
     state = client.request("DELETE", "/api/songs/s1/layers/bass").json()
     assert [layer["name"] for layer in state["layers"]] == ["drums"]
     assert Song.open(tmp_path / "songs" / "s1").layers == ["drums"]
-    assert [h["action"] for h in state["history"]][-3:] == ["redo", "mix", "remove"]
+    assert [h["action"] for h in state["history"]][:3] == ["remove", "mix", "redo"]  # newest first
+    assert state["history"][0]["current"] and state["can_undo"]
+
+    # undo brings the removed layer back, with its take, pick and gain; undo again goes further back
+    state = client.post("/api/songs/s1/undo").json()
+    assert [(l["name"], l["take"], l["gain_db"]) for l in state["layers"]] == [("drums", 2, 0.0), ("bass", 3, -6.0)]
+    assert state["history"][0]["action"] == "undo"
+    state = client.post("/api/songs/s1/undo").json()
+    assert state["layers"][1]["gain_db"] == 0.0  # before the re-mix
+    assert np.array_equal(Song.open(tmp_path / "songs" / "s1").mix, sf.read(io.BytesIO(client.get(state["mix"]).content),
+                                                                            dtype="float32")[0])
 
 
 def test_cli_changes_show_in_the_studio(studio_client, tmp_path, band):
@@ -256,3 +266,26 @@ def test_stopping_the_server_mid_layer_loses_nothing(band, tmp_path):
         assert (tmp_path / "songs" / "s1" / "manifest.json").read_text() == before and song.layers == ["drums"]
     else:
         assert song.layers == ["drums", "bass"]
+
+
+def test_another_process_holding_the_song_is_busy(studio_client, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    studio, client = studio_client
+    new_song(client)
+    directory = tmp_path / "songs" / "s1"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from stage_stack.arrangement import Arrangement
+        with Arrangement({str(directory)!r}).lock(False):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = client.post("/api/songs/s1/undo")
+        assert r.status_code == 409 and "is being changed by process" in r.json()["error"]
+    finally:
+        holder.communicate("\n", timeout=30)

@@ -9,10 +9,17 @@
     stage-stack remove out/ keys
     stage-stack mix out/ --gain bass=-3
     stage-stack show out/
+    stage-stack history out/                # the states `undo` goes back to
+    stage-stack undo out/                   # restore the state before the last change
+    stage-stack prune out/                  # delete old takes and the history
     accelerate launch -m stage_stack arrange-batch jobs.jsonl
 
 Layers are written `instrument` or `name=instrument` (a second keys layer: `pad=keys`).
 Experts come from the registry (`stage-stack instruments`); `--expert NAME=FILE` overrides one.
+
+Every command that writes holds the song's lock for its whole run: a second writer fails at once
+("song X is being changed by process N"), or queues behind it with `--wait`. Stems and mixes
+edited by hand are not overwritten unless `--force` is given.
 """
 
 from __future__ import annotations
@@ -148,6 +155,24 @@ def make_arranger(ctx: click.Context, experts: tuple[str, ...], device_map: str 
                     max_memory=_pairs(max_memory, "DEVICE=SIZE", "cuda:0=20GiB") or None, dtype=dtype, **extra)
 
 
+def writer_options(command, force: bool = True):
+    """--wait (queue behind another writer of the song) and --force (overwrite hand edits)."""
+    command = click.option("--wait", is_flag=True,
+                           help="If another process is changing the song, wait for it instead of failing.")(command)
+    if force:
+        command = click.option("--force", is_flag=True,
+                               help="Overwrite stems/mix files that were edited by hand since stage-stack wrote them.")(command)
+    return command
+
+
+@contextmanager
+def song_lock(directory: Path, wait: bool):
+    from ..arrangement import Arrangement
+
+    with Arrangement(directory).lock(wait):
+        yield
+
+
 def _finish(song, quiet: bool, bars: ProgressBars) -> None:
     bars.close()
     if not quiet:
@@ -214,17 +239,18 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The arrangement directory. Running the same command again resumes it.")
 @arranger_options
+@writer_options
 @click.pass_context
 def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, sample_rate,
-            from_manifest, out, experts, device_map, max_memory, dtype, quiet):
+            from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force):
     """Generate an arrangement layer by layer into OUT (manifest.json, stems/, mix.wav)."""
     bars = ProgressBars(quiet)
-    with user_errors():
+    with user_errors(), song_lock(out, wait):
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype, sample_rate=sample_rate)
         if from_manifest is not None:
             if instruments or add or context:
                 raise InputError("--from reproduces a manifest as it is; leave out layers and --context")
-            song = arranger.reproduce(from_manifest, out=out, callback=bars)
+            song = arranger.reproduce(from_manifest, out=out, callback=bars, wait=wait)
             return _finish(song, quiet, bars)
         layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode)
         if not layers:
@@ -235,18 +261,18 @@ def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, can
             if not quiet:
                 click.echo(f"layers: {', '.join(chain)} (the registry's default chain)", err=True)
         song, pending = arranger.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click_mode,
-                                         out=out)
+                                         out=out, wait=wait)
         if song.layers and not quiet:
             click.echo(f"resuming {out}: {len(song.layers)} layer(s) done, {len(pending)} to go", err=True)
         for position, layer in enumerate(pending):
-            arranger.run_layer(song, layer, bars, position=(position, len(pending)))
+            arranger.run_layer(song, layer, bars, position=(position, len(pending)), force=force)
         _finish(song, quiet, bars)
 
 
-def _open(directory: Path):
+def _open(directory: Path, wait: bool = False):
     from ..song import Song
 
-    return Song.open(directory)
+    return Song.open(directory, wait=wait)
 
 
 @cli.command()
@@ -258,35 +284,37 @@ def _open(directory: Path):
 @click.option("--candidates", type=int, default=1, show_default=True)
 @click.option("--click", "click_mode", type=click.Choice(CLICK_MODES), help="Default: the song's click mode.")
 @arranger_options
+@writer_options
 @click.pass_context
 def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, experts, device_map, max_memory, dtype,
-        quiet):
+        quiet, wait, force):
     """Add LAYER (`instrument` or `name=instrument`) to the arrangement in DIRECTORY."""
     from ..layer import Layer
 
     bars = ProgressBars(quiet)
-    with user_errors():
+    with user_errors(), song_lock(directory, wait):
         parsed = parse_layers(layer)
         if len(parsed) != 1:
             raise InputError(f"add takes one layer (`instrument` or `name=instrument`), got {layer!r}")
         (instrument, name), = parsed
-        song = _open(directory)
+        song = _open(directory, wait)
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
         arranger.adopt_experts(song.manifest)
         arranger.add(song, Layer(instrument, name=name, prompt=prompt, seed=seed, gain_db=gain, candidates=candidates,
-                                 click=click_mode), callback=bars)
+                                 click=click_mode), callback=bars, force=force)
         _finish(song, quiet, bars)
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})  # `pick song drums -1` is a number, not an option
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("layer")
 @click.argument("candidate", type=int)
 @click.option("-q", "--quiet", is_flag=True)
-def pick(directory, layer, candidate, quiet):
+@writer_options
+def pick(directory, layer, candidate, quiet, wait, force):
     """Make CANDIDATE (from 0) the stem LAYER uses; re-renders the mix."""
-    with user_errors():
-        song = _open(directory).pick(layer, candidate)
+    with user_errors(), song_lock(directory, wait):
+        song = _open(directory, wait).pick(layer, candidate, force=force)
         _finish(song, quiet, ProgressBars(True))
 
 
@@ -297,16 +325,20 @@ def pick(directory, layer, candidate, quiet):
 @click.option("--prompt", help="A new text prompt.")
 @click.option("--downstream", is_flag=True, help="Also regenerate the layers after it, so they hear the new take.")
 @arranger_options
+@writer_options
 @click.pass_context
-def redo(ctx, directory, layer, seed, prompt, downstream, experts, device_map, max_memory, dtype, quiet):
-    """Regenerate LAYER with a new seed or prompt (and optionally the layers after it)."""
+def redo(ctx, directory, layer, seed, prompt, downstream, experts, device_map, max_memory, dtype, quiet, wait, force):
+    """Regenerate LAYER with a new seed or prompt (and optionally the layers after it).
+
+    The old take stays on disk: `stage-stack undo` goes back to it, `stage-stack prune` deletes it.
+    """
     bars = ProgressBars(quiet)
-    with user_errors():
-        song = _open(directory)
+    with user_errors(), song_lock(directory, wait):
+        song = _open(directory, wait)
         song.manifest.index(layer)  # unknown layer: fail before loading anything
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
         arranger.adopt_experts(song.manifest)
-        arranger.redo(song, layer, seed=seed, prompt=prompt, downstream=downstream, callback=bars)
+        arranger.redo(song, layer, seed=seed, prompt=prompt, downstream=downstream, callback=bars, force=force)
         _finish(song, quiet, bars)
 
 
@@ -314,10 +346,11 @@ def redo(ctx, directory, layer, seed, prompt, downstream, experts, device_map, m
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("layer")
 @click.option("-q", "--quiet", is_flag=True)
-def remove(directory, layer, quiet):
-    """Remove LAYER and its files; re-renders the mix."""
-    with user_errors():
-        song = _open(directory).remove(layer)
+@writer_options
+def remove(directory, layer, quiet, wait, force):
+    """Remove LAYER; re-renders the mix. Its takes stay on disk until `stage-stack prune` (`undo` brings it back)."""
+    with user_errors(), song_lock(directory, wait):
+        song = _open(directory, wait).remove(layer, force=force)
         _finish(song, quiet, ProgressBars(True))
 
 
@@ -325,11 +358,12 @@ def remove(directory, layer, quiet):
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--gain", "gains", multiple=True, metavar="LAYER=DB", help="New mix gain of a layer in dB.")
 @click.option("-q", "--quiet", is_flag=True)
-def mix(directory, gains, quiet):
-    """Re-render mix.wav (optionally with new gains)."""
-    with user_errors():
-        song = _open(directory)
-        song.remix({k: _float(v, "--gain") for k, v in _pairs(gains, "LAYER=DB", "bass=-3").items()})
+@writer_options
+def mix(directory, gains, quiet, wait, force):
+    """Re-render mix.wav (optionally with new gains; the layers after a re-gained one become stale)."""
+    with user_errors(), song_lock(directory, wait):
+        song = _open(directory, wait)
+        song.remix({k: _float(v, "--gain") for k, v in _pairs(gains, "LAYER=DB", "bass=-3").items()}, force=force)
         _finish(song, quiet, ProgressBars(True))
 
 
@@ -346,7 +380,46 @@ def show(directory, as_json):
         if not store.exists():
             raise InputError(f"{directory}: not an arrangement (no manifest.json)")
         manifest = store.read_manifest()
-        click.echo(manifest.model_dump_json(indent=2) if as_json else describe(manifest, store.path))
+        click.echo(manifest.model_dump_json(indent=2) if as_json else describe(manifest, store.path, files=True))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def history(directory):
+    """List the states of the arrangement in DIRECTORY, newest first (`undo` goes back one)."""
+    from ..song import history as song_history
+
+    with user_errors():
+        revisions = song_history(directory)
+        for revision in revisions:
+            click.echo(revision.line())
+        if len(revisions) == 1:
+            click.echo("nothing to undo", err=True)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-q", "--quiet", is_flag=True)
+@writer_options
+def undo(directory, quiet, wait, force):
+    """Restore the arrangement in DIRECTORY to the state before its last change."""
+    from ..song import undo as song_undo
+
+    with user_errors():
+        song = song_undo(directory, wait=wait, force=force)
+        _finish(song, quiet, ProgressBars(True))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@writer_options
+def prune(directory, wait, force):
+    """Delete the takes the arrangement no longer uses, and its history (`undo` then has nothing to go back to)."""
+    from ..song import prune as song_prune
+
+    with user_errors():
+        removed = song_prune(directory, wait=wait, force=force)
+        click.echo(f"removed {len(removed)} file(s)" + "".join(f"\n  {rel}" for rel in removed))
 
 
 @cli.command("arrange-batch")

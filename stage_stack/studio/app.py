@@ -12,11 +12,13 @@
     POST   /api/songs/{song}/layers/{layer}/pick use another candidate
     DELETE /api/songs/{song}/layers/{layer}      remove a layer
     POST   /api/songs/{song}/mix                 new gains, re-render the mix
+    POST   /api/songs/{song}/undo                back to the state before the last change
     GET    /api/songs/{song}/export.zip          stems + mix + click + MIDI + manifest (stage_stack.export)
     GET    /api/jobs, /api/jobs/{id}             progress and queue position; POST /api/jobs/{id}/cancel
 
 Errors are JSON, {"error": message}, with the library's messages (the CLI prints the same):
-400 bad input, 404 unknown song/file/job, 409 busy, 413 upload too large, 401 bad token, 422 a
+400 bad input, 404 unknown song/file/job, 409 busy (a job of the studio, or another process
+holding the song's lock, e.g. a `stage-stack add` in a terminal), 413 upload too large, 401 bad token, 422 a
 request field out of its bounds (the message names the field).
 
 With a token, every request must carry it: header `X-Studio-Token: T`, or `?token=T` (the
@@ -37,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import StageStackError
 from ..export import ExportOptions, export_files, zip_bytes
+from ..locks import LockBusyError
 from .jobs import SongBusyError
 from .requests import NewLayer, NewSong, Pick, Redo, Remix
 from .session import NotFoundError, Studio
@@ -73,7 +76,7 @@ def create_app(studio: Studio, token: str | None = None) -> FastAPI:
 
     @app.exception_handler(StageStackError)
     async def library_error(request: Request, e: StageStackError):
-        status = 404 if isinstance(e, NotFoundError) else 409 if isinstance(e, SongBusyError) else 400
+        status = 404 if isinstance(e, NotFoundError) else 409 if isinstance(e, (SongBusyError, LockBusyError)) else 400
         if "larger than the limit" in str(e):
             status = 413
         return _error(status, str(e))
@@ -155,6 +158,10 @@ def create_app(studio: Studio, token: str | None = None) -> FastAPI:
     @app.delete("/api/songs/{song}/layers/{layer}")
     def remove(song: str, layer: str):
         return studio.remove(song, layer)
+
+    @app.post("/api/songs/{song}/undo")
+    def undo(song: str):
+        return studio.undo(song)
 
     @app.post("/api/songs/{song}/mix")
     def remix(song: str, request: Remix):

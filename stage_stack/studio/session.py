@@ -11,6 +11,7 @@ SONGS_DIR (symlinks included); audio files are served only when the manifest lis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import uuid
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..arranger import Arranger, Layer, Song
+from ..song import history as song_history, undo as song_undo
 from ..errors import InputError, StageStackError
 from ..generation import SamplingParams
 from ..inputs import read_context_file
@@ -114,7 +116,9 @@ class Studio:
                              "cfg": layer.sampling.cfg_coef},
                 "seconds": layer.timings.total_s,
             } for layer in m.layers],
-            "history": [{"time": h.time.isoformat(), "action": h.action, "detail": h.detail} for h in m.history],
+            # the states `undo` goes back through, newest (the current one) first (stage_stack.song.history)
+            "history": [dataclasses.asdict(r) for r in song_history(directory)],
+            "can_undo": m.previous_revision is not None,
             "job": None if job is None else self.job_json(job),
         }
 
@@ -237,4 +241,11 @@ class Studio:
 
     def remix(self, name: str, gains: dict[str, float]) -> dict:
         self._edit(name).remix(gains)
+        return self.state(name)
+
+    def undo(self, name: str) -> dict:
+        """Back to the state before the last change (stage_stack.song.undo, as `stage-stack undo`)."""
+        directory = self.song_dir(name)
+        self.jobs.check_idle(name)
+        song_undo(directory)
         return self.state(name)

@@ -142,7 +142,7 @@ function renderSong() {
   const bpm = song.bpm === null ? "no tempo" : `${song.bpm} BPM`;
   $("#song-info").textContent = `${song.name}: ${song.duration} s, ${bpm}, ${song.sample_rate} Hz`;
   $("#no-layers").hidden = song.layers.length > 0;
-  $("#undo").disabled = song.history.length <= 1;
+  $("#undo").disabled = !song.can_undo;
   updateDownload();
   const lanes = $("#lanes");
   lanes.innerHTML = "";
@@ -150,12 +150,15 @@ function renderSong() {
   for (const lane of studio.lanes) lanes.append(renderLane(lane));
   const hist = $("#history");
   hist.innerHTML = "";
-  for (const entry of [...song.history].reverse()) {
+  for (const entry of song.history) {  // newest first; Undo goes back one
     const li = document.createElement("li");
     const when = new Date(entry.time).toLocaleTimeString();
-    li.innerHTML = `<span class="hint">${when}</span> <strong></strong> <span></span>`;
+    li.innerHTML = `<span class="hint"></span> <strong></strong> <span></span>`;
+    li.querySelector(".hint").textContent = when;
     li.querySelector("strong").textContent = entry.action;
-    li.querySelector("span:last-child").textContent = entry.detail;
+    li.querySelector("span:last-child").textContent = entry.detail + (entry.current ? " (now)" : "");
+    li.title = `layers: ${entry.layers.join(", ") || "none"}`;
+    if (entry.current) li.classList.add("current");
     hist.append(li);
   }
   gainsChanged();
