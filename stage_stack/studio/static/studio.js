@@ -114,7 +114,7 @@ function showStart() {
   const used = new Set([...$("#song-select").options].map((o) => o.value));
   for (const form of ["#click-form", "#upload-form"]) {
     const input = $(form).elements.name;
-    let n = 1, base = input.value.replace(/-\d+$/, "") || "song";
+    let n = 1, base = input.value.replace(/-\d+$/, "") || (form === "#click-form" ? "song" : "mix");
     while (used.has(`${base}-${n}`)) n++;
     input.value = `${base}-${n}`;
   }
@@ -155,7 +155,7 @@ function renderSong() {
     const when = new Date(entry.time).toLocaleTimeString();
     li.innerHTML = `<span class="hint"></span> <strong></strong> <span></span>`;
     li.querySelector(".hint").textContent = when;
-    li.querySelector("strong").textContent = entry.action;
+    li.querySelector("strong").textContent = entry.action === "arrange" && !entry.detail ? "new song" : entry.action;
     li.querySelector("span:last-child").textContent = entry.detail + (entry.current ? " (now)" : "");
     li.title = `layers: ${entry.layers.join(", ") || "none"}`;
     if (entry.current) li.classList.add("current");
@@ -196,7 +196,7 @@ function renderLane(lane) {
       chip.textContent = String(i);
       chip.title = i === lane.picked ? `candidate ${i} (picked)` : `listen to candidate ${i} in the mix`;
       chip.addEventListener("click", () => audition(lane, i));
-      chips.append(chip);
+      chips.insertBefore(chip, chips.querySelector(".keep"));
     });
     el.querySelector(".keep").addEventListener("click", () => keep(lane));
     el.querySelector(".redo").addEventListener("click", () => redo(lane, false));
@@ -244,7 +244,7 @@ async function drawWave(lane) {
     container.innerHTML = "";
     const color = lane.kind === "context" ? "#8a94a6" : lane.audition !== null && lane.audition !== lane.picked ? "#e0a030" : "#4f8cc9";
     lane.ws = WaveSurfer.create({ container, height: 56, waveColor: color, progressColor: color, cursorWidth: 0,
-      interact: false, normalize: false, barWidth: 2, barGap: 1, barRadius: 1,
+      interact: false, normalize: true, barWidth: 2, barGap: 1, barRadius: 1,
       peaks: [peaksOf(buffer)], duration: buffer.duration });
     container.dataset.ready = url;
   } catch (e) {
@@ -453,7 +453,7 @@ function watchJob(job) {
 function showJob(job) {
   const active = job && (job.state === "queued" || job.state === "running");
   $("#job").hidden = !active;
-  $("#generate").disabled = !!active;
+  $("#generate").disabled = !!active && job.song === studio.songName;  // other songs' jobs queue behind it
   if (!active) return;
   const label = job.state === "queued"
     ? `${job.action}: waiting, ${job.position - 1 === 0 ? "next in line" : `${job.position - 1} job(s) ahead`}`
@@ -461,7 +461,8 @@ function showJob(job) {
   $("#job-label").textContent = (job.song !== studio.songName ? `[${job.song}] ` : "") + label;
   const frac = job.steps ? (job.index + job.step / job.steps) / job.layers : 0;
   $("#job-bar").style.width = `${(100 * frac).toFixed(1)}%`;
-  $("#job-steps").textContent = job.steps ? `step ${job.step} of ${job.steps}` : "loading the expert…";
+  $("#job-steps").textContent = job.state === "queued" ? "" :
+    job.steps ? `decoding step ${job.step} of ${job.steps}` : "loading the expert…";
 }
 
 // -- forms ----------------------------------------------------------------------------------
