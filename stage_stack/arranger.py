@@ -34,7 +34,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from .pipeline import render_stem, window_plan_for
 from .placement import (DeviceInventory, DeviceMap, ExpertPool, check_device_map, expert_nbytes, parse_max_memory,
                         plan_placement)
 from .song import Song
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 __all__ = ["Arranger", "ArrangePlan", "Layer", "Progress", "ProgressCallback", "Song"]
 
@@ -111,7 +114,7 @@ class Arranger:
         self,
         experts: Mapping[str, str | os.PathLike | Expert] | None = None,
         *,
-        registry=None,
+        registry: "Registry | None" = None,
         device_map: DeviceMap = "auto",
         max_memory: Mapping[str, int | str] | None = None,
         dtype: str | torch.dtype = "float32",
