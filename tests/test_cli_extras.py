@@ -50,22 +50,41 @@ def test_relabel(band, tmp_path):
     assert read_metadata(out).instrument == "organ"
 
 
-def test_demo_shows_progress(monkeypatch, tmp_path):
-    """`stage-stack demo` hands `arrange` the same progress bars as `stage-stack arrange`."""
-    from stage_stack.arranger import Arranger, Progress
-    from stage_stack.cli.arrange import ProgressBars
+def test_demo_shows_progress(band, monkeypatch, tmp_path):
+    """`stage-stack demo` shows the progress bars of `stage-stack arrange` (here on the tiny experts)."""
+    import shutil
 
-    seen = []
+    import stage_stack.instruments as instruments
 
-    def fake_arrange(self, layers, *args, callback=None, **kwargs):
-        assert isinstance(callback, ProgressBars)
-        for i, name in enumerate(layers):
-            for step in range(3):
-                callback(Progress(name, i, len(layers), step + 1, 3))
-                seen.append((name, step + 1))
-        raise SystemExit(0)  # stop before writing anything
-
-    monkeypatch.setattr(Arranger, "arrange", fake_arrange)
-    result = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "demo")])
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name, path in band.items():
+        shutil.copy(path, weights / f"{name}.safetensors")
+    monkeypatch.setattr(instruments, "WEIGHTS_DIR", weights)
+    result = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "demo"), "--duration", "1"])
     assert result.exit_code == 0, result.output
-    assert seen[-1] == ("keys", 3) and "layers" in result.output  # tqdm's bar, on stderr (mixed in here)
+    for bar in ("layers: 100%", "3/3", "drums", "bass", "keys", "step"):
+        assert bar in result.output, bar
+    quiet = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "demo2"), "--duration", "1", "-q"])
+    assert quiet.exit_code == 0 and "step" not in quiet.output
+
+
+def test_training_data_doc_example_is_valid():
+    import re
+    from pathlib import Path
+
+    from stage_stack.training.data import SongMetadata
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training-data.md").read_text()
+    (example,) = re.findall(r"```json\n(.*?)```", text, flags=re.S)
+    metadata = SongMetadata.model_validate(json.loads(example))
+    assert metadata.bpm == 120 and metadata.chords[0].root == 9
+
+
+def test_tiny_training_config_is_valid():
+    from pathlib import Path
+
+    from stage_stack.training.config import TrainConfig, load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-bass.yaml", TrainConfig)
+    assert config.schedule.max_steps == 60 and config.data.synth.n_songs == 6
