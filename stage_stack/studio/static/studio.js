@@ -454,7 +454,11 @@ function showJob(job) {
   const active = job && (job.state === "queued" || job.state === "running");
   $("#job").hidden = !active;
   $("#generate").disabled = !!active && job.song === studio.songName;  // other songs' jobs queue behind it
-  if (!active) return;
+  if (!active) {  // nothing left over for the next job to show before its first report
+    $("#job-steps").textContent = "";
+    $("#job-bar").style.width = "0%";
+    return;
+  }
   const label = job.state === "queued"
     ? `${job.action}: waiting, ${job.position - 1 === 0 ? "next in line" : `${job.position - 1} job(s) ahead`}`
     : `${job.action}` + (job.layers > 1 ? ` (layer ${job.index + 1} of ${job.layers}: ${job.layer})` : "");
