@@ -289,3 +289,26 @@ def test_another_process_holding_the_song_is_busy(studio_client, tmp_path):
         assert r.status_code == 409 and "is being changed by process" in r.json()["error"]
     finally:
         holder.communicate("\n", timeout=30)
+
+
+def test_studio_command_binds_locally_and_needs_a_token_elsewhere(band, tmp_path, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from stage_stack.cli import cli
+    from stage_stack.cli import studio as _studio_command  # noqa: F401
+
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: runs.append((app, host, port)))
+    experts = [f"--expert={name}={path}" for name, path in band.items()]
+    result = CliRunner().invoke(cli, ["studio", str(tmp_path / "songs"), "--host", "0.0.0.0", *experts])
+    assert result.exit_code == 1 and "--token" in result.output and not runs
+    result = CliRunner().invoke(cli, ["studio", str(tmp_path / "songs"), "--port", "9999", *experts])
+    assert result.exit_code == 0, result.output
+    assert runs[-1][1:] == ("127.0.0.1", 9999) and "http://127.0.0.1:9999/" in result.output
+    result = CliRunner().invoke(cli, ["studio", str(tmp_path / "songs"), "--host", "0.0.0.0", "--token", "t0k",
+                                      *experts])
+    assert result.exit_code == 0 and "?token=t0k" in result.output
+    with TestClient(runs[-1][0]) as client:  # the app it would serve requires the token
+        assert client.get("/api/songs").status_code == 401
+        assert client.get("/api/songs?token=t0k").json()["songs"] == []
