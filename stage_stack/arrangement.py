@@ -68,9 +68,10 @@ MIX_FILE = "mix.wav"
 CONTEXT_FILE = "context.wav"
 HISTORY_DIR = "history"
 LOCK_FILE = ".stage-stack.lock"
-_OWNED = re.compile(r"^(mix\.wav|context\.wav|stems/[^/]+\.wav|candidates/[^/]+/take\d+-\d+\.wav|"
+_LAYER = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # layer.LAYER_NAME: what a stem or candidate folder can be named
+_OWNED = re.compile(rf"^(mix\.wav|context\.wav|stems/{_LAYER}\.wav|candidates/{_LAYER}/take\d+-\d+\.wav|"
                     r"history/revision-\d+\.json)$")
-_DERIVED = re.compile(r"^(mix\.wav|stems/[^/]+\.wav)$")  # rendered from the candidates; may be re-rendered
+_DERIVED = re.compile(rf"^(mix\.wav|stems/{_LAYER}\.wav)$")  # rendered from the candidates; may be re-rendered
 _TAKE = re.compile(r"^take(\d+)-(\d+)\.wav$")
 _SNAPSHOT = re.compile(r"^revision-(\d+)\.json$")
 

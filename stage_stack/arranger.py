@@ -45,7 +45,8 @@ from .audio import resample
 from .errors import InputError, IntegrityError
 from .expert import Expert, load_expert, read_metadata, sha256_file
 from .generation import SamplingParams
-from .inputs import DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, load_context
+from .inputs import (DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, check_sample_rate,
+                     load_context)
 from .layer import Layer
 from .manifest import (ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerTimings, LimiterRecord, Manifest,
                        RegistryRecord, SamplingRecord, now, parse_state)
@@ -133,7 +134,7 @@ class Arranger:
         self.device_map = device_map
         self.dtype = dtype
         self.click = click
-        self.sample_rate = sample_rate
+        self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate, "Arranger(sample_rate=...)")
         self.limiter = limiter
         self.overlap_seconds = overlap_seconds
         self.crossfade_seconds = crossfade_seconds
@@ -270,6 +271,12 @@ class Arranger:
         return out
 
     def _check(self, layers: list[Layer], existing: Sequence[str], bpm: float | None, song_click: ClickMode) -> None:
+        if self.registry is not None:
+            for layer in layers:
+                if layer.instrument not in self.instruments:
+                    # the registry says why: two plugins register it (and which registry.yaml entry
+                    # picks one), it is disabled, or nothing registers it
+                    self.registry.instrument(layer.instrument)
         check_layers(layers, self.instruments, taken=existing)
         for layer in layers:
             if bpm is None and (layer.click or song_click) != "none":
@@ -349,8 +356,12 @@ class Arranger:
             self._check(layers, [], bpm, song_click)
         if not (sample_rate or self.sample_rate or ctx is not None or layers):
             raise InputError("a song without layers or context needs its sample rate: pass sample_rate=...")
-        rate = sample_rate or self.sample_rate or (ctx.sample_rate if ctx is not None else
-                                                   max(self._metadata(l.instrument).sample_rate for l in layers))
+        if sample_rate is not None:
+            rate = check_sample_rate(sample_rate, "sample_rate")
+        elif self.sample_rate is not None:
+            rate = self.sample_rate
+        else:
+            rate = ctx.sample_rate if ctx is not None else max(self._metadata(l.instrument).sample_rate for l in layers)
         request = ArrangeRequest(layers=[l.spec() for l in layers], context_sha256=ctx.sha256 if ctx else None,
                                  bpm=None if bpm_source == "default" else bpm, duration=duration, seed=seed,
                                  click=click or self.click, sample_rate=rate)
@@ -403,6 +414,10 @@ class Arranger:
         manifest.log("arrange", ", ".join(l.key for l in layers))
         song = Song(manifest, context_audio, wait=wait)
         if store is not None:
+            # Nothing is written before every expert is known to load: a broken expert file must
+            # not leave a song with no layers behind.
+            for instrument in dict.fromkeys(layer.instrument for layer in layers):
+                self.expert(instrument)
             song.save(store.path)
         else:
             song.mix = song.render_mix()

@@ -28,10 +28,60 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None, start: i
     import soundfile as sf
 
     data, file_rate = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)
+    if start == 0 and stop is None:
+        warn_if_truncated(path, data.shape[0], file_rate)
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if sample_rate is not None and sample_rate != file_rate:
         return resample(mono, file_rate, sample_rate), sample_rate
     return np.ascontiguousarray(mono, dtype=np.float32), file_rate
+
+
+class TruncatedAudioWarning(UserWarning):
+    """An audio file holds less audio than its header says (cut short by an interrupted copy)."""
+
+
+def declared_frames(path: str | os.PathLike) -> int | None:
+    """The length in frames a file's header promises: a WAV's `data` chunk size, or what the
+    decoder reports from the header (an MP3's Xing/Info frame count); None when unknown."""
+    import soundfile as sf
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if kind == b"fmt ":
+                    fmt = f.read(size)
+                    block_align = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else None
+                    f.seek(size % 2, 1)
+                elif kind == b"data":
+                    # 0 and 0xFFFFFFFF are what streaming writers put before they know the size
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                else:
+                    f.seek(size + size % 2, 1)
+    try:
+        return int(sf.info(str(path)).frames)
+    except (RuntimeError, OSError):
+        return None
+
+
+def warn_if_truncated(path: str | os.PathLike, frames: int, sample_rate: int) -> None:
+    """Warn (TruncatedAudioWarning) when `frames` read from `path` fall short of its header's length."""
+    declared = declared_frames(path)
+    if declared is not None and frames < declared:
+        import warnings
+
+        warnings.warn(f"{path}: the audio ends after {frames / sample_rate:.2f} s, but its header says "
+                      f"{declared / sample_rate:.2f} s: the file was cut short (an interrupted copy or download?). "
+                      f"The {frames / sample_rate:.2f} s it holds are used; copy or export it again to use all of it",
+                      TruncatedAudioWarning, stacklevel=3)
 
 
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> Path:

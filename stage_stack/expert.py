@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,39 @@ def _canonical_header(path: Path) -> None:
             f.write(canonical + b" " * (n - len(canonical)))
 
 
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _check_offsets(header: dict, data_size: int) -> None:
+    """What the safetensors format requires of the tensors' `data_offsets` (so that a bad file is
+    refused here, with its name, rather than by the loader with a raw SafetensorError): each
+    tensor's bytes match its dtype and shape, and together they tile the data buffer exactly,
+    without gaps or overlaps."""
+    spans = []
+    for key, entry in header.items():
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"tensor {key!r} has an unknown dtype {dtype!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+            raise ValueError(f"tensor {key!r}: shape and data_offsets must be non-negative integers")
+        want = math.prod(shape) * _DTYPE_BYTES[dtype]
+        if not 0 <= begin <= end or end - begin != want:
+            raise ValueError(f"tensor {key!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but a {dtype} "
+                             f"tensor of shape {list(shape)} needs {want}")
+        spans.append((begin, end, key))
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves a gap at byte {position}"
+            raise ValueError(f"tensor {key!r} (data_offsets [{begin}, {end}]) {what}")
+        position = end
+    if position > data_size:
+        raise ValueError(f"tensor data ends at byte {position} of the data but the file holds {data_size} (truncated)")
+    if position < data_size:
+        raise ValueError(f"the file holds {data_size - position} bytes after the last tensor")
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str] | None, dict[str, tuple[str, list[int]]]]:
     """(metadata, {key: (dtype, shape)}) without loading tensors; clear error on a bad file."""
     path = Path(path)
@@ -218,9 +252,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str] | None, dict[st
             header = json.loads(f.read(n))
         meta = header.pop("__metadata__", None)
         entries = {k: (v["dtype"], v["shape"]) for k, v in header.items()}
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"tensor data ends at byte {8 + n + end} but the file has {size} bytes (truncated)")
+        _check_offsets(header, size - 8 - n)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ExpertFormatError(f"{path}: not a valid safetensors file ({e}). "
                                 "Re-download or re-export it.") from None

@@ -68,7 +68,9 @@ def _sha256_bytes(*chunks: bytes) -> str:
     return h.hexdigest()
 
 
-def _check_rate(sample_rate, where: str) -> int:
+def check_sample_rate(sample_rate, where: str) -> int:
+    """The one check of a sample rate (a file's, an array's, a song's): an integer in the range
+    MIN_SAMPLE_RATE-MAX_SAMPLE_RATE, which the resampler and the codecs handle."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
         raise InputError(f"{where}: sample rate must be an integer number of Hz, got {sample_rate!r}")
     if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
@@ -120,7 +122,7 @@ def read_context_file(path: str | os.PathLike) -> ContextAudio:
         raise InputError(f"{where}: not an audio file that can be read ({e}). Use WAV, FLAC, OGG or MP3") from None
     if info.frames <= 0:
         raise InputError(f"{where}: the audio file holds no samples; re-export the audio")
-    rate = _check_rate(info.samplerate, where)
+    rate = check_sample_rate(info.samplerate, where)
     _check_length(info.frames / rate, where)
     try:
         mono, rate = read_audio(path)
@@ -143,7 +145,7 @@ def context_from_array(audio, sample_rate) -> ContextAudio:
     where = "context array"
     if sample_rate is None:
         raise InputError(f"{where}: pass its sample rate too (context_sample_rate=44100, say)")
-    rate = _check_rate(sample_rate, where)
+    rate = check_sample_rate(sample_rate, where)
     array = np.asarray(audio)
     if array.dtype.kind not in "f":
         raise InputError(f"{where}: dtype {array.dtype} is not floating point; pass float samples in [-1, 1] "
@@ -225,9 +227,15 @@ def check_layers(layers: Sequence, known: Iterable[str], taken: Iterable[str] = 
             raise UnknownInstrumentError(f"unknown instrument {layer.instrument!r}; known instruments: "
                                          f"{', '.join(known) or 'none'}. Install an expert for it "
                                          f"(`stage-stack install {layer.instrument} PATH`) or check the spelling")
+    taken = set(taken)
     seen: dict[str, str] = {name: name for name in taken}
     for layer in layers:
         name = layer.name or layer.instrument
+        if name in taken:
+            raise InputError(f"the song already has a layer named {name!r}; give the new one its own name: "
+                             f"Layer({layer.instrument!r}, name='{layer.instrument}2') (CLI: `stage-stack add SONG "
+                             f"{layer.instrument}2={layer.instrument}`), or regenerate the existing one with "
+                             f"`stage-stack redo SONG {name}`")
         if name in seen:
             if layer.name is None:
                 raise InputError(f"instrument {layer.instrument!r} is used twice; give the second layer its own "

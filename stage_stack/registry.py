@@ -45,6 +45,7 @@ import re
 import shutil
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Sequence, Union
@@ -52,10 +53,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Sequence, U
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from . import paths
-from .atomic import atomic_path, atomic_write_text
+from . import faults, paths
+from .atomic import atomic_path, atomic_write_text, stale_temp
+from .confined import check_relative, inside
 from .errors import (ExpertFormatError, ExpertNotInstalledError, IncompatibleExpertError, InstrumentConflictError,
                      IntegrityError, RegistryConfigError, StageStackError, UnknownInstrumentError)
+from .locks import exclusive
 from .plugins import Plugins, get_plugins
 
 if TYPE_CHECKING:  # torch is imported only when an expert is read, so listing plugins stays fast
@@ -64,6 +67,7 @@ if TYPE_CHECKING:  # torch is imported only when an expert is read, so listing p
 ENV_REGISTRY = "STAGE_STACK_REGISTRY"
 CONFIG_PLUGIN = "registry config"  # the `plugin` of instruments declared in a registry config
 INSTALLED_INDEX = "installed.json"
+INSTALLED_LOCK = ".installed.json.lock"
 
 
 # -- field types ------------------------------------------------------------------------------
@@ -298,12 +302,22 @@ def package_config_path() -> Path:
 
 # -- installed experts ------------------------------------------------------------------------
 
+def _check_installed_file(value: str) -> str:
+    check_relative(value)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}/[0-9a-f]{64}\.safetensors", value):
+        raise ValueError(f"{value!r}: expected INSTRUMENT/SHA256.safetensors, the name `stage-stack install` gives "
+                         "its copies")
+    return value
+
+
 class InstalledExpert(BaseModel):
     """One record of `installed.json`: an expert copied into the cache by `stage-stack install`."""
 
     model_config = ConfigDict(extra="forbid")
     instrument: str
-    file: str  # relative to paths.experts_dir()
+    # relative to paths.experts_dir(), and only ever a name install wrote: the file is deleted
+    # when the instrument gets another expert, so a hand-edited index must not name anything else
+    file: Annotated[str, AfterValidator(_check_installed_file)]
     sha256: Sha256
     size: int
     source: str  # what the user installed it from
@@ -313,7 +327,7 @@ class InstalledExpert(BaseModel):
 
     @property
     def path(self) -> Path:
-        return paths.experts_dir() / self.file
+        return inside(paths.experts_dir(), self.file)
 
 
 class InstalledIndex(BaseModel):
@@ -337,9 +351,60 @@ class InstalledIndex(BaseModel):
         atomic_write_text(paths.experts_dir() / INSTALLED_INDEX, self.model_dump_json(indent=2) + "\n")
 
 
+@contextmanager
+def installing():
+    """Hold the lock of installed.json: every read-modify-write of the index (and of the expert
+    copies it names) happens under it, so concurrent installs each keep their record. Waits."""
+    folder = paths.experts_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder / INSTALLED_LOCK, f"the installed-experts index {folder / INSTALLED_INDEX}", wait=True):
+        yield
+
+
+def remove_orphan_copies(index: InstalledIndex) -> list[Path]:
+    """Delete expert copies install wrote (INSTRUMENT/SHA256.safetensors) that no record names:
+    left by an install killed between its copy and its index write. Call under `installing()`."""
+    folder, named = paths.experts_dir(), {record.file for record in index.experts.values()}
+    removed = []
+    for path in sorted(folder.glob("*/*.safetensors")):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in named and re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}/[0-9a-f]{64}\.safetensors", rel) \
+                and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for path in sorted(folder.glob("*/.*.tmp")):
+        if stale_temp(path.name):
+            path.unlink(missing_ok=True)
+    return removed
+
+
 def _atomic_copy(src: Path, dest: Path) -> None:
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def expected_sha256(value: str | None, what: str) -> str | None:
+    """A user-given sha256 (any case, surrounding spaces ignored); a malformed one is named as such."""
+    if value is None:
+        return None
+    digest = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise StageStackError(f"--sha256 {value!r} for {what} is not a sha256: expected 64 hex digits, as "
+                              "`sha256sum FILE` prints")
+    return digest
+
+
+def source_file(path_or_url: str | os.PathLike, kind: str, what: str) -> Path:
+    """The local file to install from; a directory or a missing file is named as such."""
+    src = local_file(path_or_url)
+    if src.is_dir():
+        found = sorted(p.name for p in src.glob("*.safetensors"))[:5]
+        raise StageStackError(f"{src} is a directory; give the {kind} file itself"
+                              + (f", e.g. {src / found[0]} (it holds {', '.join(found)})" if found else
+                                 " (it holds no .safetensors file)"))
+    if not src.is_file():
+        raise StageStackError(f"{src}: no such file ({what})")
+    return src
 
 
 def local_file(path_or_url: str | os.PathLike) -> Path:
@@ -372,9 +437,8 @@ def install_codec(path_or_url: str | os.PathLike, sha256: str | None = None) -> 
     from .errors import CheckpointKeyError
     from .models.codec import Codec, CodecConfig
 
-    src = local_file(path_or_url)
-    if not src.is_file():
-        raise StageStackError(f"{src}: no such codec file")
+    src = source_file(path_or_url, "codec", "a codec")
+    sha256 = expected_sha256(sha256, str(src))
     header, entries = read_header(src)
     header = header or {}
     if json.loads(header.get("kind", "null")) != "codec" or "codec_config" not in header:
@@ -705,9 +769,8 @@ class Registry:
         from .expert import load_expert, read_metadata, resolve_codec_file, sha256_file
 
         self.instrument(name)
-        src = local_file(path_or_url)
-        if not src.is_file():
-            raise StageStackError(f"{src}: no such file (installing an expert for {name!r})")
+        src = source_file(path_or_url, "expert", f"installing an expert for {name!r}")
+        sha256 = expected_sha256(sha256, str(src))
         digest = sha256_file(src)
         if sha256 is not None and digest != sha256:
             raise IntegrityError(f"{src}: sha256 is {digest}, expected {sha256}. The file is corrupt or another "
@@ -736,22 +799,28 @@ class Registry:
                                                   "pass --force (force=True) to install it anyway; a chain "
                                                   "with both will be refused.") from None
 
-        index = InstalledIndex.read()
-        dest_rel = f"{name}/{digest}.safetensors"
-        dest = paths.experts_dir() / dest_rel
-        if not (dest.is_file() and sha256_file(dest) == digest):
-            _atomic_copy(src, dest)
-        previous = index.experts.get(name)
-        record = InstalledExpert(
-            instrument=name, file=dest_rel, sha256=digest, size=src.stat().st_size,
-            source=str(path_or_url) if "://" in str(path_or_url) else str(src.absolute()),
-            installed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            license=metadata.license, base_model=metadata.base_model)
-        index.experts[name] = record
-        index.write()
-        # Our copy of the replaced expert is dropped (the user's original file is never touched).
-        if previous is not None and previous.file != dest_rel:
-            previous.path.unlink(missing_ok=True)
+        with installing():  # read, copy, write the index and drop the replaced copy as one step
+            index = InstalledIndex.read()
+            dest_rel = f"{name}/{digest}.safetensors"
+            dest = paths.experts_dir() / dest_rel
+            if not (dest.is_file() and sha256_file(dest) == digest):
+                _atomic_copy(src, dest)
+            faults.point("install:copied")
+            previous = index.experts.get(name)
+            record = InstalledExpert(
+                instrument=name, file=dest_rel, sha256=digest, size=src.stat().st_size,
+                source=str(path_or_url) if "://" in str(path_or_url) else str(src.absolute()),
+                installed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                license=metadata.license, base_model=metadata.base_model)
+            index.experts[name] = record
+            index.write()
+            faults.point("install:indexed")
+            # Our copy of the replaced expert is dropped (the user's original file is never
+            # touched), and so is any copy an install killed half-way left behind.
+            if previous is not None and previous.file != dest_rel and previous.file not in \
+                    {r.file for r in index.experts.values()}:
+                previous.path.unlink(missing_ok=True)
+            remove_orphan_copies(index)
         return record
 
 

@@ -10,12 +10,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
 from . import __version__
+from .atomic import TEMP_MARK
 from .errors import StageStackError
 
 PYPROJECT = Template('''\
@@ -72,7 +77,7 @@ def register_instruments(register):
     register(
         Instrument(
             name="$instrument",
-            description="$description",
+            description=$description,
             default_prompt="",  # used when the user gives no prompt (text-conditioned experts only)
             default_gain_db=-3.0,  # mix gain of this stem
             chain_position=50,  # where it goes in a chain: drums 10, bass 20, keys 30, guitar 40
@@ -90,7 +95,7 @@ def register_instruments(register):
 README = Template('''\
 ---
 license: $license_lower
-base_model: $base_model
+base_model: $base_model_yaml
 library_name: stage-stack
 tags:
   - stage-stack
@@ -201,8 +206,12 @@ def write_plugin(name: str, parent: str | Path = ".", instrument: str | None = N
     if root.exists():
         raise StageStackError(f"{root} already exists; choose another name or --dir (nothing was written)")
     fields = dict(name=names.name, dist=names.dist, module=names.module, instrument=names.instrument,
-                  license=license, license_lower=license.lower(), base_model=base_model,
-                  description=(description or f"A STAGE expert for {names.instrument}.").replace('"', '\\"'),
+                  license=license, license_lower=license.lower(), base_model=" ".join(base_model.split()),
+                  # values that land in code or YAML are written as literals of that language, never
+                  # pasted: any description (quotes, backslashes, newlines) gives valid Python
+                  description=repr(description if description is not None else
+                                   f"A STAGE expert for {names.instrument}."),
+                  base_model_yaml=json.dumps(" ".join(base_model.split())),  # a JSON string is a YAML scalar
                   stage_stack_version=__version__)
     files = {
         "pyproject.toml": PYPROJECT,
@@ -210,9 +219,40 @@ def write_plugin(name: str, parent: str | Path = ".", instrument: str | None = N
         f"{names.module}/__init__.py": MODULE,
         "tests/test_plugin.py": TEST,
     }
-    for relative, template in files.items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(template.substitute(fields), encoding="utf-8")
-    (root / names.module / "weights").mkdir()
+    rendered = {relative: template.substitute(fields) for relative, template in files.items()}
+    check_scaffold(rendered)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{names.dist}.{TEMP_MARK}-{os.getpid()}-", dir=root.parent))
+    try:  # written beside the target and renamed: a failed write leaves no half a package
+        for relative, text in rendered.items():
+            path = staging / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        (staging / names.module / "weights").mkdir()
+        os.chmod(staging, 0o777 & ~_umask())
+        staging.rename(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return root
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def check_scaffold(files: dict[str, str]) -> None:
+    """Every generated Python file compiles and pyproject.toml parses (StageStackError otherwise)."""
+    import tomllib
+
+    for relative, text in files.items():
+        try:
+            if relative.endswith(".py"):
+                compile(text, relative, "exec")
+            elif relative.endswith(".toml"):
+                tomllib.loads(text)
+        except (SyntaxError, tomllib.TOMLDecodeError) as e:
+            raise StageStackError(f"new-plugin would write an invalid {relative} ({e}); nothing was written. "
+                                  "This is a stage-stack bug: please report it with the options you used") from None

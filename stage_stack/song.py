@@ -14,7 +14,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .arrangement import CONTEXT_FILE, MIX_FILE, Arrangement, Revision, matches, stem_file
+from .arrangement import CONTEXT_FILE, MIX_FILE, Arrangement, Revision, matches, snapshot_file, stem_file
+from .atomic import atomic_write_text
 from .errors import ArrangementError, InputError
 from .manifest import MANIFEST_NAME, Manifest, parse_state
 from .mixing import render_mix
@@ -196,6 +197,9 @@ class Song:
             candidates, damaged = _read_candidates(store, restored)
             self.manifest, self.candidates, self.damaged = restored, candidates, damaged
             derived = self._derived(self.layers) if not damaged else {}
+            # The undone state is kept too (out of the undo chain): `prune` then knows its takes
+            # are files stage-stack wrote.
+            atomic_write_text(store.file(snapshot_file(current.revision)), current.model_dump_json(indent=2) + "\n")
             store.commit(restored, derived, force=force, snapshot=False)
         return self
 

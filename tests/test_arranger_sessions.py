@@ -73,7 +73,8 @@ def test_session_operations(band, tmp_path, heard):
 
     # add: a second keys layer needs a name; the new layer hears the current mix
     arranger.add(song, "keys")
-    with pytest.raises(InputError, match="used twice"):
+    with pytest.raises(InputError, match="the song already has a layer named .keys.; give the new one its own "
+                                         "name.*stage-stack add SONG keys2=keys"):
         arranger.add(song, "keys")
     arranger.add(song, Layer("keys", name="pad"))
     assert song.layers == ["drums", "bass", "keys", "pad"]

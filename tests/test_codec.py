@@ -288,7 +288,7 @@ def test_audiocraft_bad_files_say_what_is_wrong(tmp_path):
         load_audiocraft_compression(pointer)
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(StageStackError, match="garbage.bin: not a readable torch checkpoint"):
+    with pytest.raises(StageStackError, match="garbage.bin: cannot be read as audiocraft.s compression_state_dict.bin"):
         load_audiocraft_compression(garbage)
     no_rate = tmp_path / "no_cfg.bin"
     torch.save({"best_state": to_original_names(tiny_codec(), legacy=True)}, no_rate)

@@ -189,7 +189,7 @@ def test_same_instrument_twice_needs_a_name():
     check_layers([L("keys"), L("keys", name="pad")], ["keys"])
     with pytest.raises(InputError, match="two layers are named 'pad'"):
         check_layers([L("keys", name="pad"), L("bass", name="pad")], ["keys", "bass"])
-    with pytest.raises(InputError, match="used twice"):  # against an arrangement's existing layers
+    with pytest.raises(InputError, match="already has a layer named"):  # against an arrangement's existing layers
         check_layers([L("keys")], ["keys"], taken=["keys"])
     with pytest.raises(InputError, match="no layers"):
         check_layers([], ["keys"])

@@ -54,7 +54,7 @@ def test_scaffold_files(isolated):
 
     for path in (root / "stage_stack_synth_pads" / "__init__.py", root / "tests" / "test_plugin.py"):
         compile(path.read_text(), str(path), "exec")  # valid Python after substitution
-    assert 'description="lush \\"analog\\" pads"' in (root / "stage_stack_synth_pads" / "__init__.py").read_text()
+    assert """description='lush "analog" pads'""" in (root / "stage_stack_synth_pads" / "__init__.py").read_text()
 
 
 def test_scaffold_never_overwrites_and_checks_names(isolated):

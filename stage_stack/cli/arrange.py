@@ -264,7 +264,7 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @click.option("--candidates", multiple=True, metavar="N|LAYER=N", help="Variations per layer (all are kept).")
 @click.option("--prompt", "prompts", multiple=True, metavar="LAYER=TEXT", help="Text prompt for a layer.")
 @click.option("--gain", "gains", multiple=True, metavar="LAYER=DB", help="Mix gain of a layer in dB.")
-@click.option("--sample-rate", type=int, help="The song's rate. Default: the context's, else the experts'.")
+@click.option("--sample-rate", type=int, help="The song's rate (4000-384000 Hz). Default: the context's, else the experts'.")
 @click.option("--from", "from_manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="Reproduce the arrangement this manifest.json describes.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointKeyError, StageStackError
+from ..torchload import load_weights
 from ..models.codec import Codec, CodecConfig
 
 _KEY_RULES = [
@@ -168,11 +169,7 @@ def load_audiocraft_compression(path: str | os.PathLike, **overrides) -> tuple[C
     import yaml
 
     path = Path(path)
-    try:
-        package = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-torch files
-        raise StageStackError(f"{path}: not a readable torch checkpoint ({exc}). "
-                              "Expected audiocraft's compression_state_dict.bin.") from exc
+    package = load_weights(path, "audiocraft's compression_state_dict.bin (a torch checkpoint)")
     if not isinstance(package, dict):
         raise StageStackError(f"{path}: expected a dict (audiocraft's compression_state_dict.bin), "
                               f"got {type(package).__name__}")

@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from ..errors import CheckpointKeyError, StageStackError
+from ..torchload import load_weights
 from ..expert import (ExpertMetadata, WeightsRef, atomic_save_safetensors,
                       build_empty, read_header, save_codec, save_expert, sha256_file)
 from ..models.codec import Codec, CodecConfig
@@ -443,11 +444,7 @@ def read_audiocraft_lm(path: Path) -> tuple[dict[str, torch.Tensor], AudiocraftX
 
     if not path.is_file():
         raise StageStackError(f"{path}: no such file (expected audiocraft's state_dict.bin)")
-    try:
-        package = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors, truncated zip archives, non-torch files
-        raise StageStackError(f"{path}: not readable with torch.load(weights_only=True) ({e}). "
-                              "Expected audiocraft's state_dict.bin.") from None
+    package = load_weights(path, "audiocraft's state_dict.bin (read with torch.load(weights_only=True))")
     if not isinstance(package, dict) or not isinstance(package.get("best_state"), dict):
         found = sorted(map(str, package)) if isinstance(package, dict) else type(package).__name__
         raise StageStackError(f"{path}: expected a dict with the LM weights under 'best_state' (audiocraft's "

@@ -11,13 +11,19 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import faults
 from ..atomic import atomic_path
 from ..errors import StageStackError
+from ..torchload import load_weights
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -69,6 +75,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
     path = checkpoint_path(run_dir, step)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        faults.point("checkpoint:before-rename")
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -76,7 +83,30 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickle error, wrong format
-        raise StageStackError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}). Delete it to "
-                              "resume from the previous one.") from None
+        return load_weights(path, "a training checkpoint", map_location)
+    except StageStackError as e:
+        raise StageStackError(f"{e}. Move it aside to resume from the previous checkpoint.") from None
+
+
+@contextmanager
+def interrupts_between_steps(announce: bool):
+    """Defer SIGINT to the end of the current step: yields `interrupted()`, true once a Ctrl-C came.
+    A second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread (where signal
+    handlers cannot be set) Ctrl-C is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        if announce:
+            print("\nstopping after this step (Ctrl-C again to stop now, without a checkpoint)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)

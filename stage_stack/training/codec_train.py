@@ -40,7 +40,8 @@ from ..audio import click_track
 from ..errors import StageStackError
 from ..expert import atomic_save_safetensors
 from ..models.codec import Codec, CodecConfig
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (interrupts_between_steps, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import CODEC_RESUME_KEYS, CodecTrainConfig, check_resume_compatible
 
 log = logging.getLogger(__name__)
@@ -457,6 +458,9 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
     if found is not None and not resume:
         raise StageStackError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume to continue "
                               "that run, or set a new run_dir")
+    if found is None and resume:
+        raise StageStackError(f"nothing to resume: {run_dir} holds no checkpoints ({run_dir / 'checkpoints'}/"
+                              "step-*.pt). Check run_dir in the config, or leave out --resume to start the run")
     if found is not None:
         state = load_checkpoint(found, device)
         check_resume_compatible(state["config"], config, CODEC_RESUME_KEYS, run_dir)
@@ -495,45 +499,52 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
     started, session_steps = time.time(), 0
     bar = tqdm(total=config.max_steps, initial=step, desc="codec", disable=not progress, dynamic_ncols=True)
     codec.train()
+    at_boundary = True  # a Ctrl-C waits for the end of its step (training.checkpoint.interrupts_between_steps)
     try:
-        while step < config.max_steps:
-            x = sampler.batch(step, config.data.batch_size).to(device)
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            with accelerator.autocast(), torch.set_grad_enabled(config.train_encoder):
-                latent = codec.model.encoder(x)
-            quantized, _, commitment = quantizer(latent.float(), update=config.train_encoder, generator=gen)
-            with accelerator.autocast():
-                y = codec.model.decoder(quantized)[..., : x.shape[-1]]
-            y, x2 = y.float()[:, 0], x[:, 0]
-            parts = {"l1": (y - x2).abs().mean(), "stft": spectral.stft(y, x2), "mel": spectral.mel(y, x2),
-                     "commitment": commitment}
-            loss = sum(getattr(config.loss, k) * v for k, v in parts.items())
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if config.grad_clip_norm is not None:
-                accelerator.clip_grad_norm_(params, config.grad_clip_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            session_steps += 1
-            record = {"step": step, "loss": round(loss.item(), 5), **{k: round(v.item(), 5) for k, v in parts.items()}}
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", mel=f"{record['mel']:.3f}")
-            if step % config.log_every == 0:
-                history.append(record)
-                log.info("codec step %d %s", step, record)
-            if step % config.eval_every == 0 or step == config.max_steps:
-                metrics = evaluate_codec(codec, clips)
-                history.append({"step": step, "eval": metrics})
-                log.info("codec step %d eval %s", step, metrics)
-                codec.train()
-            if step % config.checkpoint_every == 0 or step == config.max_steps:
-                checkpoint()
-            if stop_after is not None and session_steps >= stop_after:
-                checkpoint()
-                break
+        with interrupts_between_steps(progress) as interrupted:
+            while step < config.max_steps:
+                at_boundary = False
+                x = sampler.batch(step, config.data.batch_size).to(device)
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                with accelerator.autocast(), torch.set_grad_enabled(config.train_encoder):
+                    latent = codec.model.encoder(x)
+                quantized, _, commitment = quantizer(latent.float(), update=config.train_encoder, generator=gen)
+                with accelerator.autocast():
+                    y = codec.model.decoder(quantized)[..., : x.shape[-1]]
+                y, x2 = y.float()[:, 0], x[:, 0]
+                parts = {"l1": (y - x2).abs().mean(), "stft": spectral.stft(y, x2), "mel": spectral.mel(y, x2),
+                         "commitment": commitment}
+                loss = sum(getattr(config.loss, k) * v for k, v in parts.items())
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if config.grad_clip_norm is not None:
+                    accelerator.clip_grad_norm_(params, config.grad_clip_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                session_steps += 1
+                record = {"step": step, "loss": round(loss.item(), 5), **{k: round(v.item(), 5) for k, v in parts.items()}}
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", mel=f"{record['mel']:.3f}")
+                if step % config.log_every == 0:
+                    history.append(record)
+                    log.info("codec step %d %s", step, record)
+                if step % config.eval_every == 0 or step == config.max_steps:
+                    metrics = evaluate_codec(codec, clips)
+                    history.append({"step": step, "eval": metrics})
+                    log.info("codec step %d eval %s", step, metrics)
+                    codec.train()
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    checkpoint()
+                at_boundary = True
+                if stop_after is not None and session_steps >= stop_after:
+                    checkpoint()
+                    break
+                if interrupted():
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        checkpoint()  # nothing learnt so far is lost; `--resume` continues from here
+        if at_boundary:
+            checkpoint()  # nothing learnt so far is lost; `--resume` continues from here
         bar.close()
         raise
     bar.close()

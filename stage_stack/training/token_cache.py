@@ -271,8 +271,9 @@ class TokenPairDataset:
                  click_prob: float = 0.5, identity_prob: float = 0.25,
                  split: Literal["all", "train", "valid"] = "all", n_valid: int = 24,
                  samples_per_epoch: int | None = None, silence_threshold: float = 0.01, max_tries: int = 10,
-                 seed: int = 0) -> None:
+                 seed: int = 0, source: str | os.PathLike | None = None) -> None:
         self.cache_dir = Path(cache_dir)
+        self.source = Path(source) if source is not None else None  # the songs folder the cache was built from
         self.index = TokenCacheIndex.load(self.cache_dir)
         self.target_stem, self.frame_rate = target_stem, self.index.frame_rate
         self.segment_frames = int(round(segment_seconds * self.frame_rate))
@@ -289,6 +290,14 @@ class TokenPairDataset:
         songs = sorted(by_song)
         songs = songs[-n_valid:] if split == "valid" else songs[: len(songs) - n_valid] if split == "train" else songs
         if not songs:
+            if self.source is not None:
+                total = len(by_song)
+                what = (f"holds no song with a '{target_stem}' stem" if total == 0 else
+                        f"has {total} song(s) with a '{target_stem}' stem, none left for the '{split}' split "
+                        f"(n_valid is {n_valid})")
+                raise DatasetError(f"{self.source}: the training data folder {what}. Put song folders there (each "
+                                   f"with {target_stem}.wav and the other stems; see docs), or point data.root at "
+                                   f"the right folder (token cache: {self.cache_dir})")
             raise DatasetError(f"{self.cache_dir}: no cached songs with a '{target_stem}' stem for split '{split}'")
         self.songs = [sorted(by_song[s], key=lambda e: e.variant) for s in songs]
         self.samples_per_epoch = samples_per_epoch or len(self.songs)

@@ -12,7 +12,9 @@
 
 What makes a run resumable exactly: every random draw is a function of (seed, step) or of the
 sample index (the data), the checkpoint holds model, optimizer, scheduler, the global RNGs,
-the step and the data position, and checkpoints are only taken between optimizer steps. A
+the step and the data position, and checkpoints are only taken between optimizer steps: a
+Ctrl-C is held until the step it falls in is complete (a second one stops at once, without a
+checkpoint), so no checkpoint ever holds half a step. A
 resumed run therefore computes the same losses and weights as one that was never stopped.
 
 Accelerate provides the device, DDP across processes (`accelerate launch -m stage_stack
@@ -37,12 +39,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import faults
+from ..atomic import atomic_write_text
 from ..errors import StageStackError, TrainingConfigError
 from ..expert import ExpertMetadata, load_expert
 from ..layout import TokenLayout
 from ..models.codec import Codec
 from ..models.stage_lm import StageLM, StageLMConfig, init_weights
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (interrupts_between_steps, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import RESUME_KEYS, TrainConfig, check_resume_compatible
 
 log = logging.getLogger(__name__)
@@ -141,13 +146,14 @@ def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait
                      full_context_prob=d.full_context_prob, click_prob=d.click_prob)
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
-                                 seed=config.seed, **pair_args)
+                                 seed=config.seed, source=d.root, **pair_args)
         valid = TokenPairDataset(train_dir, split="valid", n_valid=d.n_valid, identity_prob=1.0,
-                                 samples_per_epoch=d.valid_samples, seed=config.seed + 1, **pair_args)
+                                 samples_per_epoch=d.valid_samples, seed=config.seed + 1, source=d.root, **pair_args)
     else:
-        train = TokenPairDataset(train_dir, split="all", identity_prob=d.identity_prob, seed=config.seed, **pair_args)
+        train = TokenPairDataset(train_dir, split="all", identity_prob=d.identity_prob, seed=config.seed,
+                                 source=d.root, **pair_args)
         valid = TokenPairDataset(valid_dir, split="all", identity_prob=1.0, samples_per_epoch=d.valid_samples,
-                                 seed=config.seed + 1, **pair_args)
+                                 seed=config.seed + 1, source=d.valid_root, **pair_args)
     return train, valid
 
 
@@ -270,7 +276,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         path = save_checkpoint(self.config.run_dir, self.step, self.state(), self.config.keep_checkpoints)
-        (Path(self.config.run_dir) / "history.json").write_text(json.dumps(self.history, indent=1))
+        atomic_write_text(Path(self.config.run_dir) / "history.json", json.dumps(self.history, indent=1))
         return path
 
     # -- batches ----------------------------------------------------------------------------
@@ -449,6 +455,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
     if found is not None and not resume:
         raise StageStackError(f"{run_dir} already holds checkpoints ({found.name}); pass --resume to continue "
                               "that run, or set a new run_dir to start another")
+    if found is None and resume:
+        raise StageStackError(f"nothing to resume: {run_dir} holds no checkpoints ({run_dir / 'checkpoints'}/"
+                              "step-*.pt). Check run_dir in the config, or leave out --resume to start the run")
 
     torch.manual_seed(config.seed)
     base = load_base(config)
@@ -471,34 +480,51 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
     bar = tqdm(total=config.schedule.max_steps, initial=trainer.step, desc=f"train {config.instrument}",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     window: list[float] = []
+    # A Ctrl-C waits for the step it falls in (optimizer update, counters, history, validation,
+    # checkpoint) to finish, so the checkpoint it leads to holds a whole number of steps and
+    # `--resume` continues exactly; a second Ctrl-C stops at once, without a checkpoint.
+    at_boundary = True  # the trainer's state is that of a whole number of steps
     try:
-        while trainer.step < config.schedule.max_steps:
-            record = trainer.train_step()
-            session_steps += 1
-            window.append(record["loss"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            step = trainer.step
-            if step % config.log_every == 0:
-                record["train_loss"] = round(sum(window) / len(window), 5)
-                window.clear()
-                trainer.history.append(record)
-                log.info("step %d %s", step, record)
-            if step % config.eval_every == 0 or step == config.schedule.max_steps:
-                metrics = trainer.validate()
-                trainer.history.append({"step": step, **metrics})
-                line = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                bar.write(line) if progress and accelerator.is_main_process else log.info(line)
-            if callback is not None:
-                callback(step, record)
-            stopping = stop_after is not None and session_steps >= stop_after
-            if step % config.checkpoint_every == 0 or step == config.schedule.max_steps or stopping:
-                trainer.checkpoint()
-            if stopping:
-                break
+        with interrupts_between_steps(progress and accelerator.is_main_process) as interrupted:
+            while trainer.step < config.schedule.max_steps:
+                at_boundary = False
+                faults.point("train:step")
+                record = trainer.train_step()
+                faults.point("train:stepped")
+                session_steps += 1
+                window.append(record["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                step = trainer.step
+                if step % config.log_every == 0:
+                    record["train_loss"] = round(sum(window) / len(window), 5)
+                    window.clear()
+                    trainer.history.append(record)
+                    log.info("step %d %s", step, record)
+                if step % config.eval_every == 0 or step == config.schedule.max_steps:
+                    metrics = trainer.validate()
+                    trainer.history.append({"step": step, **metrics})
+                    line = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    bar.write(line) if progress and accelerator.is_main_process else log.info(line)
+                at_boundary = True
+                if callback is not None:
+                    callback(step, record)
+                stopping = stop_after is not None and session_steps >= stop_after
+                if step % config.checkpoint_every == 0 or step == config.schedule.max_steps or stopping:
+                    trainer.checkpoint()
+                    faults.point("train:checkpointed")
+                if interrupted():
+                    raise KeyboardInterrupt
+                if stopping:
+                    break
     except KeyboardInterrupt:
         bar.close()
-        trainer.checkpoint()  # the last completed step; `--resume` continues from it
+        if at_boundary:
+            trainer.checkpoint()  # the last completed step; `--resume` continues from it
+        else:
+            last = latest_checkpoint(run_dir)
+            log.warning("stopped in the middle of step %d: no checkpoint of it is written; --resume continues "
+                        "from %s", trainer.step + 1, last.name if last else "the start")
         raise
     bar.close()
     seconds = time.time() - started
