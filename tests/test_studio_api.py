@@ -312,3 +312,21 @@ def test_studio_command_binds_locally_and_needs_a_token_elsewhere(band, tmp_path
     with TestClient(runs[-1][0]) as client:  # the app it would serve requires the token
         assert client.get("/api/songs").status_code == 401
         assert client.get("/api/songs?token=t0k").json()["songs"] == []
+
+
+def test_uninstalled_instruments_come_with_their_install_command(band, tmp_path, monkeypatch):
+    from stage_stack import Arranger
+    from stage_stack.registry import Registry
+    from stage_stack.studio.app import create_app
+    from stage_stack.studio.session import Studio
+
+    monkeypatch.setenv("STAGE_STACK_HOME", str(tmp_path / "home"))  # no installed experts
+    studio = Studio(tmp_path / "songs", Arranger(band, registry=Registry.load()))
+    with TestClient(create_app(studio)) as client:
+        rows = {row["name"]: row for row in client.get("/api/instruments").json()["instruments"]}
+        assert rows["guitar"]["installed"] is False
+        assert rows["guitar"]["install"] == "stage-stack install guitar PATH_OR_URL"
+        assert rows["drums"]["installed"] and rows["drums"]["install"] is None
+        new_song(client)
+        r = client.post("/api/songs/s1/layers", json={"instrument": "guitar"})
+        assert r.status_code == 400 and "stage-stack install guitar" in r.json()["error"]

@@ -145,3 +145,86 @@ def test_build_play_pick_undo_download(server, page, tmp_path):
     page.reload()
     page.wait_for_selector(".lane[data-layer=bass]")
     assert page.locator(".lane").count() == 2
+
+
+def wav_base64(seconds=1.5, rate=22050) -> str:
+    import base64
+
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    sf.write(buffer, 0.3 * np.sin(2 * np.pi * 220 * t), rate, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_upload_redo_remove_mix_and_cancel(server, page):
+    studio, url = server
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+
+    # drop a mix on the page
+    transfer = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "my take.wav", {type: "audio/wav"}));
+        return dt;
+    }""", wav_base64())
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    page.wait_for_function("document.querySelector('#drop-name').textContent.includes('my take.wav')")
+    page.fill("#upload-form input[name=name]", "upl")
+    page.fill("#upload-form input[name=bpm]", "96")
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_selector(".lane.context .wave[data-ready]")
+    assert "my take.wav" in page.text_content(".lane.context .lane-name")
+
+    for name in ("drums", "bass"):
+        page.select_option("#instrument-select", name)
+        page.click("#generate")
+        page.wait_for_selector(f".lane[data-layer={name}] .wave[data-ready]", timeout=120_000)
+        wait_idle(page)
+
+    # mute and solo act on the page's own playback; gains go to the server's mix
+    page.click(".lane[data-layer=drums] .solo")
+    assert "silent" in page.get_attribute(".lane[data-layer=bass]", "class")
+    page.click(".lane[data-layer=drums] .solo")
+    page.click(".lane[data-layer=bass] .mute")
+    assert "silent" in page.get_attribute(".lane[data-layer=bass]", "class")
+    page.fill(".lane[data-layer=bass] .gain input", "-6")
+    page.dispatch_event(".lane[data-layer=bass] .gain input", "input")
+    page.click("#apply-gains")
+    page.wait_for_selector("#apply-gains:disabled")
+    assert studio.state("upl")["layers"][1]["gain_db"] == -6.0
+
+    # redo drums and everything after: new takes of both
+    page.click(".lane[data-layer=drums] .redo-after")
+    wait_idle(page)
+    page.wait_for_function("document.querySelector('.lane[data-layer=bass] .lane-meta').textContent.includes('take 2')")
+    assert [layer["take"] for layer in studio.state("upl")["layers"]] == [2, 2]
+    shot(page, "5-upload-song")
+
+    # cancel a running layer: the song stays as it was
+    page.select_option("#instrument-select", "keys")
+    page.fill("#add-form input[name=candidates]", "4")
+    page.click("#generate")
+    page.wait_for_selector("#job:not([hidden])")
+    page.click("#cancel")
+    wait_idle(page)
+    page.wait_for_function("document.querySelector('#status').textContent.includes('cancelled')"
+                           " || document.querySelector('.lane[data-layer=keys]') !== null")
+    keys_done = "keys" in [layer["name"] for layer in studio.state("upl")["layers"]]
+    assert page.locator(".lane[data-layer=keys]").count() == int(keys_done)  # cancelled, or done first
+
+    # remove a layer (the page asks first)
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click(".lane[data-layer=bass] .remove")
+    page.wait_for_selector(".lane[data-layer=bass]", state="detached")
+    assert "bass" not in [layer["name"] for layer in studio.state("upl")["layers"]]
+
+    # an error from the server is shown as it is
+    page.fill("#add-form input[name=name]", "drums")
+    page.select_option("#instrument-select", "keys")
+    page.click("#generate")
+    page.wait_for_selector("#status.error")
+    assert "drums" in page.text_content("#status")

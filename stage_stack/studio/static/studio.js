@@ -414,7 +414,9 @@ function undo() {
 
 function applyGains() {
   const gains = {};
-  for (const lane of studio.lanes) if (lane.kind === "layer") gains[lane.name] = lane.gain_db;
+  for (const lane of studio.lanes) {  // only the changed ones: a gain change makes later layers stale
+    if (lane.kind === "layer" && Math.abs(lane.gain_db - lane.layer.gain_db) > 1e-9) gains[lane.name] = lane.gain_db;
+  }
   return act("re-mixing", async () => {
     await api("POST", `${songPath()}/mix`, { gains });
     await refresh();
