@@ -306,6 +306,10 @@ def test_studio_command_binds_locally_and_needs_a_token_elsewhere(band, tmp_path
     result = CliRunner().invoke(cli, ["studio", str(tmp_path / "songs"), "--port", "9999", *experts])
     assert result.exit_code == 0, result.output
     assert runs[-1][1:] == ("127.0.0.1", 9999) and "http://127.0.0.1:9999/" in result.output
+    local = TestClient(runs[-1][0], base_url="http://127.0.0.1:9999")
+    assert local.get("/api/songs").status_code == 200
+    r = TestClient(runs[-1][0], base_url="http://evil.example:9999").get("/api/songs")  # DNS rebinding
+    assert r.status_code == 403 and "not this studio's address" in r.json()["error"]
     result = CliRunner().invoke(cli, ["studio", str(tmp_path / "songs"), "--host", "0.0.0.0", "--token", "t0k",
                                       *experts])
     assert result.exit_code == 0 and "?token=t0k" in result.output

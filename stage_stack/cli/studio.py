@@ -48,7 +48,8 @@ def studio(ctx, songs_dir, port, host, token, open_browser, max_upload_mb, exper
                                    "with --token TOKEN (every request must then carry it), or use --host 127.0.0.1")
     with user_errors():
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
-        app = create_app(Studio(songs_dir, arranger, max_upload_bytes=max_upload_mb * 1024 * 1024), token=token)
+        app = create_app(Studio(songs_dir, arranger, max_upload_bytes=max_upload_mb * 1024 * 1024), token=token,
+                         allowed_hosts=LOCAL_HOSTS if is_local(host) else None)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"stage-stack studio: songs in {Path(songs_dir).resolve()}\n  open {url}\n  Ctrl-C stops it "

@@ -52,7 +52,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(studio: Studio, token: str | None = None) -> FastAPI:
+def create_app(studio: Studio, token: str | None = None, allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """The studio's app. `allowed_hosts`: the Host header values accepted (None: any); the CLI
+    sets the loopback names, so a web page elsewhere cannot reach a local studio by DNS rebinding."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -63,6 +65,9 @@ def create_app(studio: Studio, token: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        if allowed_hosts is not None and host not in allowed_hosts:
+            return _error(403, f"host {host!r} is not this studio's address; open it as http://127.0.0.1:PORT/")
         if token is not None:
             given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
             if not secrets.compare_digest(given.encode(), token.encode()):
