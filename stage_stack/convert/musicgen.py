@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
+from ..atomic import temp_path
 from ..errors import CheckpointKeyError, StageStackError
 from ..torchload import load_weights
 from ..expert import (ExpertMetadata, WeightsRef, atomic_save_safetensors,
@@ -353,13 +354,16 @@ def _write_text_encoder_dir(directory: Path, t5_config: dict, model_dir: Path) -
     if directory.exists():
         return [f"{directory} already exists and was left as it is; it must hold the T5 config and tokenizer."]
     tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    staging = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = temp_path(directory)  # ours alone (marker + pid): removing it on failure removes nothing else
     staging.mkdir(parents=True)
-    (staging / "config.json").write_text(json.dumps(t5_config, indent=2))
-    for file in tokenizer:
-        shutil.copy2(file, staging / file.name)
-    os.replace(staging, directory)
+    try:
+        (staging / "config.json").write_text(json.dumps(t5_config, indent=2))
+        for file in tokenizer:
+            shutil.copy2(file, staging / file.name)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if not tokenizer:
         return [f"wrote {directory}/config.json; {model_dir} has no T5 tokenizer: add tokenizer.json or "
                 f"spiece.model to {directory} to use text descriptions."]
@@ -574,7 +578,7 @@ def _write_referenced(out: Path, stem: str, write: Callable[[Path], object]) -> 
     `write(path)` writes it (atomically) under a temporary name first. Naming by content means
     experts that share a codec or T5 share the file, and a different one never overwrites it.
     """
-    tmp = out.parent / f".{out.stem}.{stem}.tmp.safetensors"
+    tmp = temp_path(out.parent / f"{out.stem}.{stem}", ".tmp.safetensors")
     write(tmp)
     digest = sha256_file(tmp)
     final = out.parent / f"{stem}-{digest[:12]}.safetensors"

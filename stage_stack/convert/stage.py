@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import temp_path
 from ..errors import CheckpointKeyError
 from ..expert import (ExpertMetadata, WeightsRef, atomic_save_safetensors,
                       read_header, save_codec, save_expert, sha256_file)
@@ -216,7 +217,7 @@ def convert_stage_checkpoint(
 
 def _side_file(write, out: Path, name: str) -> tuple[Path, str]:
     """Write a shared weight file beside `out`, named by its content hash: (path, sha256)."""
-    tmp = write(out.parent / f".{out.stem}.{name}.tmp.safetensors")
+    tmp = write(temp_path(out.parent / f"{out.stem}.{name}", ".tmp.safetensors"))
     digest = sha256_file(tmp)
     final = tmp.with_name(f"{name}-{digest[:12]}.safetensors")
     os.replace(tmp, final)

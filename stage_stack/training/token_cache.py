@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 from ..audio import click_track, resample
 from .data import (EXCLUDED_STEMS, BadSong, DatasetError, PairInfo, SongSource, StemDataset, augment,
                    draw_augmentation, read_stem, require_pedalboard, scan_songs)
@@ -238,9 +238,8 @@ def _encode_song(song: SongSource, codec, out_dir: Path, variants: list[int], ta
         tensors["peaks"] = frame_peaks(stretched, hop, n_frames)
         path = out_dir / entry.file
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"entry": entry.model_dump_json()})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # a unique temp name: never a file someone else made
+            save_file(tensors, str(tmp), metadata={"entry": entry.model_dump_json()})
         entries.append(entry)
     return entries
 
