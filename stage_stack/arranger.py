@@ -34,7 +34,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from .placement import (DeviceInventory, DeviceMap, ExpertPool, check_device_map
                         plan_placement)
 from .song import Song
 
+if TYPE_CHECKING:
+    from .registry import Registry
+
 __all__ = ["Arranger", "ArrangePlan", "Layer", "Progress", "ProgressCallback", "Song"]
 
 DEFAULT_DURATION = 10.0  # seconds, when neither a duration nor a context is given
@@ -73,6 +76,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+ContextSource = Union[str, os.PathLike, np.ndarray, ContextAudio, None]  # what `context=` accepts
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class Arranger:
         self,
         experts: Mapping[str, str | os.PathLike | Expert] | None = None,
         *,
-        registry=None,
+        registry: "Registry | None" = None,
         device_map: DeviceMap = "auto",
         max_memory: Mapping[str, int | str] | None = None,
         dtype: str | torch.dtype = "float32",
@@ -292,7 +296,7 @@ class Arranger:
     def arrange(
         self,
         layers: Sequence[str | Layer],
-        context: str | os.PathLike | np.ndarray | None = None,
+        context: ContextSource = None,
         *,
         bpm: float | None = None,
         duration: float | None = None,
@@ -319,9 +323,24 @@ class Arranger:
                 self.run_layer(song, layer, callback, position=(position, len(pending)))
         return song
 
-    def validate(self, layers, context=None, *, bpm=None, duration=None, seed=0, click=None,
-                 context_sample_rate=None, out=None, sample_rate=None) -> "ArrangePlan":
-        """Check an `arrange` call without doing any work (InputError & co. on bad input)."""
+    def validate(
+        self,
+        layers: Sequence[str | Layer],
+        context: ContextSource = None,
+        *,
+        bpm: float | None = None,
+        duration: float | None = None,
+        seed: int = 0,
+        click: ClickMode | None = None,
+        context_sample_rate: int | None = None,
+        out: str | os.PathLike | None = None,
+        sample_rate: int | None = None,
+        allow_empty: bool = False,
+    ) -> "ArrangePlan":
+        """Check an `arrange` call without doing any work (InputError & co. on bad input).
+
+        allow_empty  accept no layers (a song that gets its layers later with `add`; see `start`)
+        """
         layers = self._as_layers(layers)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
@@ -333,7 +352,10 @@ class Arranger:
         else:
             bpm_source = None if bpm is None else "given"
         song_click = self._song_click(click, bpm)
-        self._check(layers, [], bpm, song_click)
+        if layers or not allow_empty:
+            self._check(layers, [], bpm, song_click)
+        if not (sample_rate or self.sample_rate or ctx is not None or layers):
+            raise InputError("a song without layers or context needs its sample rate: pass sample_rate=...")
         if sample_rate is not None:
             rate = check_sample_rate(sample_rate, "sample_rate")
         elif self.sample_rate is not None:
@@ -354,12 +376,25 @@ class Arranger:
                 store.check_new(arrangement_id="")
         return ArrangePlan(layers, ctx, bpm, bpm_source, duration, seed, song_click, rate, request, store)
 
-    def prepare(self, layers, context=None, *, bpm=None, duration=None, seed=0, click=None,
-                context_sample_rate=None, out=None, sample_rate=None, wait: bool | float = False
-                ) -> tuple[Song, list[Layer]]:
+    def prepare(
+        self,
+        layers: Sequence[str | Layer],
+        context: ContextSource = None,
+        *,
+        bpm: float | None = None,
+        duration: float | None = None,
+        seed: int = 0,
+        click: ClickMode | None = None,
+        context_sample_rate: int | None = None,
+        out: str | os.PathLike | None = None,
+        sample_rate: int | None = None,
+        allow_empty: bool = False,
+        wait: bool | float = False,
+    ) -> tuple[Song, list[Layer]]:
         """Validate everything and create (or reopen, to resume) the song; returns it and the layers to run."""
         plan = self.validate(layers, context, bpm=bpm, duration=duration, seed=seed, click=click,
-                             context_sample_rate=context_sample_rate, out=out, sample_rate=sample_rate)
+                             context_sample_rate=context_sample_rate, out=out, sample_rate=sample_rate,
+                             allow_empty=allow_empty)
         layers, ctx, bpm, bpm_source, duration, rate, store = (plan.layers, plan.context, plan.bpm, plan.bpm_source,
                                                                plan.duration, plan.sample_rate, plan.store)
         if store is not None and store.exists():  # the same request: resume
@@ -387,6 +422,26 @@ class Arranger:
         else:
             song.mix = song.render_mix()
         return song, layers
+
+    def start(
+        self,
+        context: ContextSource = None,
+        *,
+        bpm: float | None = None,
+        duration: float | None = None,
+        seed: int = 0,
+        click: ClickMode | None = None,
+        out: str | os.PathLike | None = None,
+        sample_rate: int | None = None,
+        wait: bool | float = False,
+    ) -> Song:
+        """A new song with no layers yet (add them with `add`): from a click, or on `context`.
+
+        Without a context the song's rate must be known: `sample_rate`, or the Arranger's.
+        """
+        song, _ = self.prepare([], context, bpm=bpm, duration=duration, seed=seed, click=click, out=out,
+                               sample_rate=sample_rate, allow_empty=True, wait=wait)
+        return song
 
     def add(self, song: Song, layer: str | Layer, *, callback: ProgressCallback | None = None,
             force: bool = False) -> Song:

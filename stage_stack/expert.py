@@ -288,6 +288,29 @@ def save_expert(
     return atomic_save_safetensors(tensors, path, metadata.to_header())
 
 
+def relabel_expert(src: str | os.PathLike, out: str | os.PathLike, instrument: str, *,
+                   description: str | None = None, default_prompt: str | None = None) -> Path:
+    """Copy an expert file with a new instrument name (and optionally description / default prompt).
+
+    The weights are copied as they are; only the metadata changes, and it is validated like any
+    expert's. A codec referenced by filename is looked up beside OUT (or in the codec cache), so
+    put OUT beside the codec file or install the codec (`stage_stack.registry.install_codec`).
+    """
+    from safetensors import safe_open
+
+    src, out = Path(src), Path(out)
+    metadata = read_metadata(src)
+    update: dict[str, Any] = {"instrument": instrument}
+    if description is not None:
+        update["description"] = description
+    if default_prompt is not None:
+        update["default_prompt"] = default_prompt
+    relabelled = ExpertMetadata.model_validate({**metadata.model_dump(), **update})
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return atomic_save_safetensors(tensors, out, relabelled.to_header())
+
+
 def save_codec(path: str | os.PathLike, codec: Codec, id: str = "") -> Path:
     """A standalone codec file that experts can reference by filename + sha256."""
     meta = {"kind": json.dumps("codec"), "id": json.dumps(id), "codec_config": json.dumps(codec.config.to_dict())}

@@ -620,6 +620,10 @@ class Registry:
         return [self._enabled[n] for n in self.names]
 
     def statuses(self) -> list[InstrumentStatus]:
+        """Every instrument the plugins and configs name, usable or not: the enabled ones (in chain
+        order), then the disabled ones and the name conflicts, each with a message saying why it
+        cannot be used. `names`/`instruments` list only the usable ones; whether an enabled
+        instrument's expert is installed is `resolve_expert` (what `stage-stack instruments` shows)."""
         rows = [InstrumentStatus(n, self._enabled[n], "enabled") for n in self.names]
         rows += [InstrumentStatus(n, i, "disabled", f"disabled by the registry config (instruments.{n}.enabled)")
                  for n, i in sorted(self._disabled.items())]

@@ -42,5 +42,7 @@ def main() -> None:
     from . import arrange  # noqa: F401
     from . import train  # noqa: F401
     from . import evaluate  # noqa: F401
+    from . import export  # noqa: F401
+    from . import studio  # noqa: F401
 
     cli()

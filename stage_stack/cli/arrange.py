@@ -24,6 +24,7 @@ edited by hand are not overwritten unless `--force` is given.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from contextlib import contextmanager
@@ -145,6 +146,36 @@ def arranger_options(command):
     return command
 
 
+def sampling_options(command):
+    """--temperature, --top-k and --cfg, passed to the command as one `sampling` (SamplingParams or None)."""
+    @functools.wraps(command)
+    def wrapper(*args, temperature, top_k, cfg, **kwargs):
+        from ..generation import SamplingParams
+
+        given = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("cfg_coef", cfg)) if v is not None}
+        try:
+            sampling = SamplingParams(**given) if given else None
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        return command(*args, sampling=sampling, **kwargs)
+
+    defaults = SAMPLING_DEFAULTS
+    options = [
+        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True),
+                     help=f"Sampling temperature (default {defaults['temperature']:g}; lower is more conservative)."),
+        click.option("--top-k", "top_k", type=click.IntRange(min=0),
+                     help=f"Sample from the k most likely tokens (default {defaults['top_k']}; 0 = all)."),
+        click.option("--cfg", type=click.FloatRange(min=0.0),
+                     help=f"Classifier-free guidance strength (default {defaults['cfg_coef']:g}; 1 = none)."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 250, "cfg_coef": 3.0}  # generation.SamplingParams' defaults
+
+
 def make_arranger(ctx: click.Context, experts: tuple[str, ...], device_map: str | None, max_memory: tuple[str, ...],
                   dtype: str, **extra):
     from ..arranger import Arranger
@@ -184,7 +215,7 @@ def _finish(song, quiet: bool, bars: ProgressBars) -> None:
 
 
 def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tuple[str, ...],
-                  prompts: tuple[str, ...], gains: tuple[str, ...], click_mode: str | None):
+                  prompts: tuple[str, ...], gains: tuple[str, ...], click_mode: str | None, sampling=None):
     from ..layer import Layer
 
     pairs = [entry for item in instruments for entry in parse_layers(item)] + parse_layers(add or "")
@@ -207,7 +238,7 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
         except ValueError:
             raise click.BadParameter(f"--candidates for {key!r} must be an integer") from None
         layers.append(Layer(instrument, name=name, prompt=prompt_of.get(key), gain_db=gain_of.get(key), candidates=n,
-                            click=click_mode))
+                            click=click_mode, params=sampling))
     known = {layer.key for layer in layers}
     for option, values in (("--prompt", prompt_of), ("--gain", gain_of), ("--candidates", candidates_of)):
         unknown = sorted(set(values) - known)
@@ -240,24 +271,26 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
               help="The arrangement directory. Running the same command again resumes it.")
 @arranger_options
 @writer_options
+@sampling_options
 @click.pass_context
 def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, sample_rate,
-            from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force):
+            from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force, sampling):
     """Generate an arrangement layer by layer into OUT (manifest.json, stems/, mix.wav)."""
     bars = ProgressBars(quiet)
     with user_errors(), song_lock(out, wait):
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype, sample_rate=sample_rate)
         if from_manifest is not None:
-            if instruments or add or context:
-                raise InputError("--from reproduces a manifest as it is; leave out layers and --context")
+            if instruments or add or context or sampling:
+                raise InputError("--from reproduces a manifest as it is; leave out layers, --context and the "
+                                 "sampling options")
             song = arranger.reproduce(from_manifest, out=out, callback=bars, wait=wait)
             return _finish(song, quiet, bars)
-        layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode)
+        layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode, sampling)
         if not layers:
             chain = arranger.registry.default_chain if arranger.registry is not None else []
             if not chain:
                 raise InputError("name the layers to arrange, e.g. --add drums,bass")
-            layers = _build_layers(tuple(chain), None, candidates, prompts, gains, click_mode)
+            layers = _build_layers(tuple(chain), None, candidates, prompts, gains, click_mode, sampling)
             if not quiet:
                 click.echo(f"layers: {', '.join(chain)} (the registry's default chain)", err=True)
         song, pending = arranger.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click_mode,
@@ -285,9 +318,10 @@ def _open(directory: Path, wait: bool = False):
 @click.option("--click", "click_mode", type=click.Choice(CLICK_MODES), help="Default: the song's click mode.")
 @arranger_options
 @writer_options
+@sampling_options
 @click.pass_context
 def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, experts, device_map, max_memory, dtype,
-        quiet, wait, force):
+        quiet, wait, force, sampling):
     """Add LAYER (`instrument` or `name=instrument`) to the arrangement in DIRECTORY."""
     from ..layer import Layer
 
@@ -301,7 +335,7 @@ def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, exper
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
         arranger.adopt_experts(song.manifest)
         arranger.add(song, Layer(instrument, name=name, prompt=prompt, seed=seed, gain_db=gain, candidates=candidates,
-                                 click=click_mode), callback=bars, force=force)
+                                 click=click_mode, params=sampling), callback=bars, force=force)
         _finish(song, quiet, bars)
 
 

@@ -115,3 +115,28 @@ def convert_musicgen_audiocraft_command(state_dict_bin: Path, compression_bin: P
         state_dict_bin, compression_bin, out, instrument=instrument, base_model=base_model, license=license_,
         embed_codec=embed_codec, seed=seed, pad_mode=None if pad_mode == "from-config" else pad_mode,
         overwrite=force))
+
+
+@cli.command()
+@click.argument("src", type=existing_file)
+@click.argument("out", type=output_file)
+@click.option("--instrument", required=True, help="The new instrument name, e.g. guitar.")
+@click.option("--description", default=None, help="A new one-line description.")
+@click.option("--default-prompt", default=None, help="A new default text prompt.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@user_errors
+def relabel(src: Path, out: Path, instrument: str, description, default_prompt, force: bool) -> None:
+    """Copy the expert SRC to OUT for another instrument (same weights, new metadata).
+
+    For a contributor who trained or fine-tuned an expert on one stem and wants to ship it as a
+    new instrument: `stage-stack relabel keys.safetensors organ.safetensors --instrument organ`,
+    then `stage-stack install organ organ.safetensors`.
+    """
+    from ..expert import read_metadata, relabel_expert
+
+    if out.resolve() == src.resolve():
+        raise click.ClickException("OUT is SRC; write the relabelled expert to a new file")
+    _refuse_overwrite(out, force)
+    old = read_metadata(src).instrument
+    relabel_expert(src, out, instrument, description=description, default_prompt=default_prompt)
+    click.echo(f"wrote {out}: the {old!r} expert relabelled as {instrument!r}")

@@ -75,11 +75,13 @@ def train_command(config: Path, resume: bool, no_progress: bool, verbose: bool) 
 @click.option("--bpm", type=float, default=120.0, show_default=True, help="Tempo of the click the drums follow.")
 @click.option("--duration", type=float, default=12.0, show_default=True, help="Seconds.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def demo_command(out: Path, bpm: float, duration: float, seed: int) -> None:
+def demo_command(out: Path, bpm: float, duration: float, seed: int, quiet: bool) -> None:
     """Drums from a click, then bass, then keys, with the bundled demo experts (offline)."""
     from ..arranger import Arranger
     from ..instruments import WEIGHTS_DIR
+    from .arrange import ProgressBars
 
     layers = ["drums", "bass", "keys"]
     experts = {name: WEIGHTS_DIR / f"{name}.safetensors" for name in layers}
@@ -91,5 +93,9 @@ def demo_command(out: Path, bpm: float, duration: float, seed: int) -> None:
     # The drums hear the click (the first layer of a song without context always does);
     # bass and keys hear the mix so far, as in training.
     arranger = Arranger(experts=experts, click="none")
-    song = arranger.arrange(layers, bpm=bpm, duration=duration, seed=seed, out=out)
+    bars = ProgressBars(quiet)  # the same bars as `stage-stack arrange`: layers, then decoding steps
+    try:
+        song = arranger.arrange(layers, bpm=bpm, duration=duration, seed=seed, out=out, callback=bars)
+    finally:
+        bars.close()
     click.echo(f"wrote {out}: " + ", ".join(f"stems/{name}.wav" for name in song.layers) + ", mix.wav")
