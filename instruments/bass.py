@@ -13,7 +13,7 @@ def register_instruments(register):
         description="Bass line that follows the chord roots and the drums' rhythm.",
         default_prompt="warm electric bass following the chord roots",
         default_gain_db=-3.0,
-        chain_position=20,  # after drums, so it can lock to the kick
+        chain_position=30,  # after drums and keys: locks to the kick, follows the chord roots
         license="MIT",
         sources=[bundled_expert("bass")],
     ))

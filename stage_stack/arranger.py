@@ -105,7 +105,9 @@ class Arranger:
     max_memory  {device: bytes or "24GiB"}: experts are loaded lazily, least recently used
                 ones are unloaded when a device's budget would be exceeded
     dtype       the LMs' dtype ("float32", "bfloat16", "float16"); codecs run in float32
-    click       the default click mode; None = "mix+click" when a tempo is known, else "none"
+    click       the default click mode; None = "none": layers hear the mix alone, as the experts
+                were trained (STAGE pairs are a mix *or* a click, never both summed); the first
+                layer of a song without context hears the click whatever the mode
     sample_rate the songs' rate; None = the context's rate, else the highest expert rate
     limiter     the mix-bus limiter (stage_stack.mixing)
     overlap_seconds, crossfade_seconds   long-form windows (stage_stack.longform defaults)
@@ -284,13 +286,13 @@ class Arranger:
                                  "pass bpm=..., or use click='none' to condition on the mix alone")
         self._prepare_experts([layer.instrument for layer in layers])
 
-    def _song_click(self, click: ClickMode | None, bpm: float | None) -> ClickMode:
+    def _song_click(self, click: ClickMode | None) -> ClickMode:
         click = click or self.click
         if click is not None:
             if click not in CLICK_MODES:
                 raise InputError(f"click must be one of {', '.join(CLICK_MODES)}, got {click!r}")
             return click
-        return "mix+click" if bpm is not None else "none"
+        return "none"
 
     # -- arranging --------------------------------------------------------------------------
     def arrange(
@@ -351,7 +353,7 @@ class Arranger:
             bpm, bpm_source = DEFAULT_BPM, "default"
         else:
             bpm_source = None if bpm is None else "given"
-        song_click = self._song_click(click, bpm)
+        song_click = self._song_click(click)
         if layers or not allow_empty:
             self._check(layers, [], bpm, song_click)
         if not (sample_rate or self.sample_rate or ctx is not None or layers):

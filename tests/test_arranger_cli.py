@@ -46,7 +46,7 @@ def test_arrange_and_session_commands(band, isolated, tmp_path):
     assert "resuming" in again.stderr and "2 layer(s) done, 0 to go" in again.stderr
 
     shown = run("show", out)
-    assert "BPM 120, click mix+click" in shown.stdout and "2. bass (bass)" in shown.stdout
+    assert "BPM 120, click none" in shown.stdout and "2. bass (bass)" in shown.stdout
     manifest = json.loads(run("show", out, "--json").stdout)
     assert [layer["name"] for layer in manifest["layers"]] == ["drums", "bass"]
 

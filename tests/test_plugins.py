@@ -247,7 +247,7 @@ def test_registry_config_says_which_plugin_wins(isolated, winner):
     assert drums.plugin == winner
     assert (drums.description == "from a test plugin") == (winner == "mydrums")
     assert registry.problems == []
-    assert registry.default_chain == ["drums", "bass", "keys"]
+    assert registry.default_chain == ["drums", "keys", "bass"]
 
 
 def test_config_naming_a_plugin_that_does_not_register_the_instrument(isolated):
@@ -326,14 +326,14 @@ def test_instruments_command_lists_name_plugin_source_installed_license(isolated
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:5]}
     assert "stage_stack.instruments.bass" in lines["bass"] and " installed " in lines["bass"]
     assert "CC-BY-4.0" in lines["bass"]  # the expert's own license, once installed
-    assert "default chain: drums, bass, keys" in result.stdout
+    assert "default chain: drums, keys, bass" in result.stdout
 
     data = json.loads(run("instruments", "--json").stdout)
     rows = {r["name"]: r for r in data["instruments"]}
     assert rows["bass"]["installed"] is True and rows["bass"]["origin"] == "installed"
     assert rows["bass"]["expert"].endswith(".safetensors") and rows["bass"]["license"] == "CC-BY-4.0"
     assert rows["drums"]["chain_position"] == 10 and rows["drums"]["default_gain_db"] == -2.0
-    assert data["default_chain"] == ["drums", "bass", "keys"]
+    assert data["default_chain"] == ["drums", "keys", "bass"]
 
 
 def test_doctor_passes_on_a_healthy_install_and_fails_on_a_corrupt_expert(isolated, tiny_expert):

@@ -42,8 +42,8 @@ def run(*args):
 def test_package_default_registers_the_builtin_families(isolated):
     registry = Registry.load(default_file=package_config_path())  # the real one, bundled experts and all
     assert registry.layers == [str(package_config_path())]
-    assert registry.names == ["drums", "bass", "keys", "guitar"]  # by chain position
-    assert registry.default_chain == ["drums", "bass", "keys"]
+    assert registry.names == ["drums", "keys", "bass", "guitar"]  # by chain position
+    assert registry.default_chain == ["drums", "keys", "bass"]
     assert [registry.instrument(n).chain_position for n in registry.names] == [10, 20, 30, 40]
     for name in registry.names:
         instrument = registry.instrument(name)
@@ -185,7 +185,7 @@ def test_chain_naming_unknown_instrument_is_reported_and_skipped(isolated):
 
 
 def test_unknown_instrument_lists_the_known_ones(isolated):
-    with pytest.raises(UnknownInstrumentError, match="unknown instrument 'drum'; known instruments: drums, bass, keys"):
+    with pytest.raises(UnknownInstrumentError, match="unknown instrument 'drum'; known instruments: drums, keys, bass"):
         Registry.load().instrument("drum")
 
 
@@ -233,7 +233,7 @@ def test_unparseable_config(isolated, text, expected):
 
 def test_empty_user_file_changes_nothing(isolated):
     user = write(isolated / "empty.yaml", "")
-    assert Registry.load(user_file=user).default_chain == ["drums", "bass", "keys"]
+    assert Registry.load(user_file=user).default_chain == ["drums", "keys", "bass"]
 
 
 def test_invalid_overrides_are_named_as_such(isolated):

@@ -393,7 +393,8 @@ def test_metadata_records_training(shared, tmp_path):
 
 @pytest.mark.slow
 def test_demo_command_writes_stems_and_mix(tmp_path, monkeypatch):
-    """`stage-stack demo` chains drums -> bass -> keys (here on tiny random experts)."""
+    """`stage-stack demo` chains drums -> keys -> bass with the Arranger's default click mode
+    (here on tiny random experts): the drums hear the click, the later layers the mix alone."""
     import soundfile as sf
     from click.testing import CliRunner
 
@@ -414,6 +415,9 @@ def test_demo_command_writes_stems_and_mix(tmp_path, monkeypatch):
         assert rate == 16000 and len(audio) == 16000 and np.abs(audio).max() > 0
     mix, _ = sf.read(out / "mix.wav")
     assert len(mix) == 16000 and np.abs(mix).max() > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(layer["name"], layer["click"]) for layer in manifest["layers"]] == [
+        ("drums", "click"), ("keys", "none"), ("bass", "none")]
 
 
 def test_demo_command_explains_missing_weights(tmp_path, monkeypatch):

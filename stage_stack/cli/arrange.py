@@ -259,8 +259,8 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @click.option("--duration", type=float, help="Seconds. Default: the context's length, else 10.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Layer i uses seed + i.")
 @click.option("--click", "click_mode", type=click.Choice(CLICK_MODES),
-              help="What each expert hears: the mix, mix+click, or the click alone. Default: mix+click when a "
-                   "tempo is known, else none.")
+              help="What each expert hears: the mix (none), mix+click, or the click alone. Default: none, as "
+                   "the experts were trained; the first layer of a song without context always hears the click.")
 @click.option("--candidates", multiple=True, metavar="N|LAYER=N", help="Variations per layer (all are kept).")
 @click.option("--prompt", "prompts", multiple=True, metavar="LAYER=TEXT", help="Text prompt for a layer.")
 @click.option("--gain", "gains", multiple=True, metavar="LAYER=DB", help="Mix gain of a layer in dB.")

@@ -78,21 +78,21 @@ def train_command(config: Path, resume: bool, no_progress: bool, verbose: bool) 
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def demo_command(out: Path, bpm: float, duration: float, seed: int, quiet: bool) -> None:
-    """Drums from a click, then bass, then keys, with the bundled demo experts (offline)."""
+    """Drums from a click, then keys, then bass, with the bundled demo experts (offline)."""
     from ..arranger import Arranger
     from ..instruments import WEIGHTS_DIR
     from .arrange import ProgressBars
 
-    layers = ["drums", "bass", "keys"]
+    layers = ["drums", "keys", "bass"]  # the registry's default chain: keys set the harmony, bass follows it
     experts = {name: WEIGHTS_DIR / f"{name}.safetensors" for name in layers}
     missing = [str(p) for p in experts.values() if not p.is_file()]
     if missing:
         raise click.ClickException(f"the bundled demo experts are missing ({', '.join(missing)}); they ship in the "
                                    "repository's instruments/weights/. Reinstall stage-stack from the repository, "
                                    "or retrain them with configs/demo-*.yaml (see instruments/weights/*.md)")
-    # The drums hear the click (the first layer of a song without context always does);
-    # bass and keys hear the mix so far, as in training.
-    arranger = Arranger(experts=experts, click="none")
+    # The Arranger's default click mode, as `stage-stack arrange` uses it: the drums hear the
+    # click (the first layer of a song without context always does), keys and bass the mix so far.
+    arranger = Arranger(experts=experts)
     bars = ProgressBars(quiet)  # the same bars as `stage-stack arrange`: layers, then decoding steps
     try:
         song = arranger.arrange(layers, bpm=bpm, duration=duration, seed=seed, out=out, callback=bars)
