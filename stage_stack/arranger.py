@@ -520,7 +520,8 @@ class Arranger:
                 {instrument: device} (stage_stack.placement)
     max_memory  {device: bytes or "24GiB"}: experts are loaded lazily, least recently used
                 ones are unloaded when a device's budget would be exceeded
-    dtype       the LMs' dtype ("float32", "bfloat16", "float16"); codecs run in float32
+    dtype       the LMs' weight format (stage_stack.expert.WeightFormat: "fp32", "bf16", "fp16", "int8",
+                "int4"; aliases "float32", "bfloat16", "float16"); codecs run in float32
     click       the default click mode; None = "mix+click" when a tempo is known, else "none"
     sample_rate the songs' rate; None = the context's rate, else the highest expert rate
     limiter     the mix-bus limiter (stage_stack.mixing)
@@ -534,7 +535,7 @@ class Arranger:
         registry=None,
         device_map: DeviceMap = "auto",
         max_memory: Mapping[str, int | str] | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "fp32",
         click: ClickMode | None = None,
         sample_rate: int | None = None,
         limiter: LimiterSettings = LimiterSettings(),
@@ -548,7 +549,9 @@ class Arranger:
         self.experts = {name: (Path(src) if isinstance(src, (str, os.PathLike)) else src)
                         for name, src in (experts or {}).items()}
         self.device_map = device_map
-        self.dtype = dtype
+        from .expert import resolve_format
+
+        self.dtype = resolve_format(dtype)  # a bad name fails here, before any expert is read
         self.click = click
         self.sample_rate = sample_rate
         self.limiter = limiter
@@ -612,9 +615,9 @@ class Arranger:
             self._pool.placement[name] = plan[name]
 
     def _torch_dtype(self) -> torch.dtype:
-        from .expert import resolve_dtype
+        from .expert import FORMAT_DTYPES
 
-        return resolve_dtype(self.dtype)
+        return FORMAT_DTYPES[self.dtype]  # int8/int4: an upper bound (their block linears are smaller)
 
     def _load(self, name: str, source: Path, device: str) -> Expert:
         return load_expert(source, device=device, dtype=self.dtype, sha256=self._expected_sha.get(name))
