@@ -104,8 +104,11 @@ class KVCache:
 
     def __init__(self, config: StageLMConfig, batch: int, max_steps: int, device, dtype, static: bool = False) -> None:
         shape = (batch, config.n_heads, max_steps, config.head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        # A static cache's attention reads unwritten slots too (masked, weight 0), and 0 x NaN
+        # garbage would still be NaN: zeros there. A dynamic one reads written slots only.
+        alloc = torch.zeros if static else torch.empty
+        self.keys = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0  # steps already written
         self.static = static
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # == length, as a tensor (static writes)
