@@ -67,7 +67,7 @@ from _common import (  # noqa: E402
 
 from stage_stack import machine as stage_machine  # noqa: E402
 from stage_stack.generation import SamplingParams, generate, sample_next  # noqa: E402
-from stage_stack.models.quant import QUANTIZED, quantizable  # noqa: E402
+from stage_stack.models.quant import QUANTIZED, release_freed_memory  # noqa: E402
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights  # noqa: E402
 
 OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int4": "int4"}
@@ -206,6 +206,7 @@ def build_quantized(cfg: StageLMConfig, fmt: str, seed: int) -> StageLM:
                                     dtype=torch.bfloat16)
     for name in sorted(names):
         lm.get_submodule(name).set_weight(random_float(cfg, name + ".weight", None, seed))
+        release_freed_memory()  # per matrix, as load_expert does
     return lm.eval()
 
 
@@ -848,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of thread settings to run every row at, side by side: 'auto' (what "
                              "stage_stack.machine chooses, STAGE_STACK_THREADS unset) and/or counts, e.g. auto,1. "
                              "Overrides --threads")
+    parser.add_argument("--all-rows-every-thread-count", action="store_true",
+                        help="also run the reference rows (transformers, full recompute) at every --thread-counts "
+                             "setting (default: the first only)")
     parser.add_argument("--accuracy-steps", type=int, default=None,
                         help="teacher-forced steps of the format-accuracy table (default 48, quick 8; 0 = skip)")
     parser.add_argument("--arrange-formats", default=None,
@@ -914,7 +918,11 @@ def main(argv: list[str] | None = None) -> int:
     earlier = previous_rows(args.output, workload) if args.resume else {}
 
     rows = payload["rows"]
-    jobs = [(config, method, threads) for threads in thread_settings for config in configs for method in methods]
+    # The transformers and full-recompute rows are the references: at the first thread setting only
+    # (they are the slowest rows; the ratios are within one thread setting).
+    reference = ("full-recompute", "hf-generate", "hf-loop")
+    jobs = [(config, method, threads) for threads in thread_settings for config in configs for method in methods
+            if method not in reference or threads == thread_settings[0] or args.all_rows_every_thread_count]
     jobs += [("demo", f"arrange-{fmt}", threads) for threads in thread_settings for fmt in arrange_formats]
     for config, method, threads in jobs:
         spec_threads = None if threads == "auto" else int(threads)

@@ -347,7 +347,7 @@ def _fill_quantized(lm: torch.nn.Module, path: Path, prefix: str, device: torch.
     """`_fill` for int8 / int4: each block linear's float weight is quantized as it is read."""
     from safetensors import safe_open
 
-    from .models.quant import replace_linears
+    from .models.quant import release_freed_memory, replace_linears
 
     names = set(replace_linears(lm, fmt, device=device))
     float_names = [n for n in lm.state_dict() if n.rpartition(".")[0] not in names]
@@ -360,6 +360,7 @@ def _fill_quantized(lm: torch.nn.Module, path: Path, prefix: str, device: torch.
                                         dtype=dtype if value.is_floating_point() else None)
         for name in sorted(names):
             lm.get_submodule(name).set_weight(f.get_tensor(prefix + name + ".weight"))
+            release_freed_memory()  # per matrix: freed float copies would otherwise pile up
     lm.to(device)
 
 

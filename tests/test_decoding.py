@@ -201,6 +201,16 @@ def test_int8_and_int4_dequantize_within_half_a_step():
     assert (deq4 - w).abs().max() > 1e-3  # it is 4 bits: not the float weight
 
 
+def test_int8_prefill_gemm_equals_the_int8_kernel():
+    g = torch.Generator().manual_seed(1)
+    q8 = Int8Linear(64, 48)
+    q8.set_weight(torch.randn(48, 64, generator=g))
+    x = torch.randn(2 * Int8Linear.GEMM_ROWS, 64, generator=g)
+    many = q8(x).float()  # > GEMM_ROWS rows: dequantized bf16 GEMM
+    few = torch.cat([q8(chunk).float() for chunk in x.split(Int8Linear.GEMM_ROWS // 2)])  # the int8 kernel
+    assert (many - few).abs().max() <= 0.02 * few.abs().max()
+
+
 def test_quantize_in_place_matches_loading_quantized(tmp_path):
     cfg = StageLMConfig(dim=64, n_layers=1, n_heads=2, ffn_dim=128, card=32, n_q=2, cross_attention=False)
     path = make_tiny_expert(tmp_path / "e.safetensors", lm_config=cfg)

@@ -37,9 +37,9 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
-        w = w.to(device=self.weight.device, dtype=torch.float32)
+        w = w.to(device=self.weight.device, dtype=torch.float32, copy=True)  # ours: the math below is in place
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.weight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.weight = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.scales = scale.to(self.scales.dtype)
 
     def dequantized(self) -> torch.Tensor:
@@ -125,6 +125,24 @@ def quantize_(lm: nn.Module, fmt: str) -> nn.Module:
     device = next(iter(weights.values())).device if weights else None
     replace_linears(lm, fmt, device=device)
     lm.to(torch.bfloat16)  # buffers of the quantized modules are not floating-point except their scales
-    for name, w in weights.items():
-        lm.get_submodule(name).set_weight(w)
+    for name in list(weights):
+        lm.get_submodule(name).set_weight(weights.pop(name))
+        release_freed_memory()
+    release_freed_memory()
     return lm
+
+
+def release_freed_memory() -> None:
+    """Give the float temporaries of quantization back to the OS (glibc keeps freed heap pages).
+
+    Quantizing one matrix after another frees a float copy each time; glibc raises its mmap
+    threshold after the first large free, so later copies come from the heap and stay resident:
+    an int8 load peaked at 1.8 GB for 321 MB of weights without this. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
