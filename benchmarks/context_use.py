@@ -57,7 +57,7 @@ def frame_losses(lm, layout: TokenLayout, pairs: list, variant: str, shift: int,
             context = [torch.full_like(c, layout.pad) for c in context]
         tb = layout.training_batch(context, b["target"])
         with torch.no_grad():
-            logits = lm(tb.codes, tb.attention_mask, None, None)
+            logits = lm(tb.codes, tb.attention_mask, None, None, positions=tb.positions)
         aligned, scored = layout.target_logits(logits, tb)
         ce = F.cross_entropy(aligned.float().permute(0, 3, 1, 2), tb.targets, reduction="none")  # [B, K, T]
         rows.append(torch.where(scored, ce, torch.nan))
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                             full_context_prob=1.0, click_prob=1.0 if args.kind == "click" else 0.0,
                             identity_prob=1.0, samples_per_epoch=args.pairs, seed=args.seed)
     pairs = [data[i] for i in range(len(data))]
-    layout = TokenLayout.for_card(expert.lm.config.card, expert.lm.config.n_q)
+    layout = TokenLayout.for_config(expert.lm.config)
     shift = max(1, round(args.late * data.frame_rate))
     first = int(round(data.frame_rate))
     lm = expert.lm.eval()

@@ -16,7 +16,7 @@ import torch
 from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
 from .machine import SMALL_MODEL_PARAMS, decode_threads
-from .models.stage_lm import StageLM, positions_from_mask
+from .models.stage_lm import StageLM
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 
@@ -153,7 +153,7 @@ def generate(
 
 def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,
               use_cache, return_steps, mode, static, kv_dtype):
-    layout = TokenLayout.for_card(lm.config.card, lm.config.n_q)
+    layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
     context = context.to(device)
@@ -180,7 +180,7 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
     seq = batch.codes.clone()
     B, K, S = seq.shape
     mask = batch.attention_mask
-    positions = positions_from_mask(mask)
+    positions = batch.positions
     total = S - batch.start_offset
     cache = lm.new_cache(B, S, static=static, dtype=kv_dtype) if use_cache else None
     runner = StepRunner(lm, cache, mask, mode) if cache is not None and static else None

@@ -11,6 +11,14 @@ Training keeps the first N + 1 steps; generation keeps all N + K. A slot is *val
 holds a real frame that is not PAD inside the context region, so left padding and dropped
 contexts are masked out. `attention_mask` (any codebook valid) is both the key-padding mask
 and the origin of the per-sample positions.
+
+Positions (`TokenLayout.positions`, the LM config's `positions`):
+
+    "stage"    pos[s] = s - first valid step of the row        (upstream STAGE)
+    "aligned"  the same through context and SEP; from the first target step on,
+               pos[s] = s - (C + 2): the step holding target frame t of codebook 0 gets the
+               position of the step holding context frame t (counted from the row's first
+               valid context frame), because the context starts where the target window does.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .models.stage_lm import POSITION_MODES, StageLMConfig, positions_from_mask
 
 UNFILLED = -1  # a generation slot still to be sampled
 
@@ -30,6 +40,7 @@ class TrainingBatch:
     attention_mask: torch.Tensor  # [B, S]
     targets: torch.Tensor  # [B, K, T] target frames
     context_len: int  # C (after left padding)
+    positions: torch.Tensor  # [B, S] position ids for the LM
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,7 @@ class GenerationBatch:
     codes: torch.Tensor  # [R, K, S]; rows [0, B) conditional, [B, 2B) unconditional when cfg
     final_mask: torch.Tensor  # [R, K, S]
     attention_mask: torch.Tensor  # [R, S]
+    positions: torch.Tensor  # [R, S] position ids for the LM
     start_offset: int  # first step that holds a generated frame
     context_len: int  # C
     prompt_len: int  # frames of the target already given (continuation)
@@ -48,10 +60,19 @@ class TokenLayout:
     n_q: int
     pad: int
     sep: int
+    positions: str = "stage"  # one of models.stage_lm.POSITION_MODES
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"TokenLayout.positions must be one of {list(POSITION_MODES)}, got {self.positions!r}")
 
     @classmethod
-    def for_card(cls, card: int, n_q: int) -> "TokenLayout":
-        return cls(n_q=n_q, pad=card, sep=card + 1)
+    def for_card(cls, card: int, n_q: int, positions: str = "stage") -> "TokenLayout":
+        return cls(n_q=n_q, pad=card, sep=card + 1, positions=positions)
+
+    @classmethod
+    def for_config(cls, config: StageLMConfig) -> "TokenLayout":
+        return cls.for_card(config.card, config.n_q, config.positions)
 
     # -- building blocks ----------------------------------------------------------------------
     def left_pad(self, contexts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -85,6 +106,15 @@ class TokenLayout:
         final_mask = pattern_valid[None] & ~(in_context[None] & (seq == self.pad))
         return final_mask, final_mask.any(dim=1)
 
+    def position_ids(self, attention_mask: torch.Tensor, context_len: int) -> torch.Tensor:
+        """[B, S] positions for a sequence whose context holds `context_len` frames (module doc)."""
+        stage = positions_from_mask(attention_mask)
+        if self.positions == "stage":
+            return stage
+        steps = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+        target_start = context_len + 2  # the step of target frame 0, codebook 0
+        return torch.where(steps >= target_start, steps - target_start, stage)
+
     def frames(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[context | SEP | target] along time."""
         B, K, _ = context.shape
@@ -114,8 +144,9 @@ class TokenLayout:
         frames = self.frames(context, given)
         N = frames.shape[-1]
         seq = self.interleave(frames, steps=N + 1)
-        final_mask, attention_mask = self.masks(seq, N, context.shape[-1])
-        return TrainingBatch(seq, final_mask, attention_mask, target, context.shape[-1])
+        C = context.shape[-1]
+        final_mask, attention_mask = self.masks(seq, N, C)
+        return TrainingBatch(seq, final_mask, attention_mask, target, C, self.position_ids(attention_mask, C))
 
     def target_logits(self, logits: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits aligned with the target frames [B, K, T, card] and which of them are scored.
@@ -174,7 +205,8 @@ class TokenLayout:
         N = frames.shape[-1]
         seq = self.interleave(frames)
         final_mask, attention_mask = self.masks(seq, N, C)
-        return GenerationBatch(seq, final_mask, attention_mask, C + 2 + P, C, P, n_frames)
+        return GenerationBatch(seq, final_mask, attention_mask, self.position_ids(attention_mask, C), C + 2 + P, C, P,
+                               n_frames)
 
     def generated_frames(self, seq: torch.Tensor, batch: GenerationBatch) -> torch.Tensor:
         """De-interleave and strip context and SEP: [B, K, n_frames] (conditional rows)."""

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+POSITION_MODES = ("stage", "aligned")
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,15 @@ class StageLMConfig:
     cross_attention: bool = True
     text_dim: int = 768  # width of the text encoder output that `text_proj` maps to `dim`
     norm_eps: float = 1e-5
+    # "stage": upstream's positions, counted from a row's first valid step through context, SEP
+    # and target. "aligned": target frame t takes the position of context frame t (the context
+    # is time-aligned with the target window), so "look at the same moment of the context" is a
+    # same-position match instead of an offset the LM must learn (see layout.TokenLayout).
+    positions: Literal["stage", "aligned"] = "stage"
 
     def __post_init__(self) -> None:
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"StageLMConfig.positions must be one of {list(POSITION_MODES)}, got {self.positions!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"StageLMConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         for f in fields(self):
@@ -317,8 +328,9 @@ class StageLM(nn.Module):
         the cached steps and the new ones, or [B, cache.max_steps] (the whole call's mask) with
         a static cache. With a `cache`, only the new S steps are computed and their keys/values
         are stored; a dynamic cache advances itself, a static one is advanced by its owner.
-        `positions` [B, S] defaults to STAGE's per-sample positions from the mask (it is
-        required with a static cache). `last_only` computes the heads on the last step only.
+        `positions` [B, S] come from the TokenLayout batch; they default to STAGE's per-sample
+        positions from the mask, which only a `positions="stage"` LM without a static cache may
+        use. `last_only` computes the heads on the last step only.
         """
         B, K, S = codes.shape
         past = cache.length if cache is not None and not cache.static else 0
@@ -329,6 +341,9 @@ class StageLM(nn.Module):
         if positions is None:
             if cache is not None and cache.static:
                 raise ValueError("a static KV cache needs explicit positions for the new steps")
+            if self.config.positions != "stage":
+                raise ValueError(f"this LM uses {self.config.positions!r} positions, which depend on the context "
+                                 "length: pass positions= from the TokenLayout batch")
             positions = positions_from_mask(attention_mask)[:, past:]
         dtype = self.final_norm.weight.dtype
 

@@ -77,6 +77,8 @@ class FreshModel(_Section):
     n_heads: int = Field(4, gt=0)
     ffn_dim: int = Field(1024, gt=0)
     init_seed: int = 0
+    # StageLMConfig.positions: "aligned" gives target frame t the position of context frame t
+    positions: Literal["stage", "aligned"] = "stage"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "FreshModel":

@@ -79,7 +79,8 @@ def load_base(config: TrainConfig) -> Base:
     fresh = spec.fresh
     codec, codec_training = load_codec_file(fresh.codec)
     lm_cfg = StageLMConfig(dim=fresh.dim, n_layers=fresh.n_layers, n_heads=fresh.n_heads, ffn_dim=fresh.ffn_dim,
-                           card=codec.config.card, n_q=codec.config.n_q, cross_attention=False)
+                           card=codec.config.card, n_q=codec.config.n_q, cross_attention=False,
+                           positions=fresh.positions)
     lm = init_weights(StageLM(lm_cfg), seed=fresh.init_seed).train()
     info = {"id": codec_training.get("config", {}).get("id", Path(fresh.codec).stem),
             "metrics": codec_training.get("metrics", {}), "file": str(fresh.codec)}
@@ -231,7 +232,7 @@ class Trainer:
         self.train_data, self.valid_data = train_data, valid_data
         self.lm = base.lm
         cfg = self.lm.config
-        self.layout = TokenLayout.for_card(cfg.card, cfg.n_q)
+        self.layout = TokenLayout.for_config(cfg)
         self.use_text = cfg.cross_attention and base.text is not None
         self.codes_fingerprint = codec_fingerprint(base.codec)
         zero_pad_row_grads(self.lm)
@@ -336,7 +337,7 @@ class Trainer:
         tb = self.layout.training_batch(context, target, drop_context=drop, drop_history=history)
         memory, mask = self.text_memory(batch["description"], train, micro)
         with self.accelerator.autocast():
-            logits = self.model(tb.codes, tb.attention_mask, memory, mask)
+            logits = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions)
         return self.layout.loss(logits, tb)
 
     # -- steps ------------------------------------------------------------------------------
