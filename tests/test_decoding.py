@@ -58,6 +58,17 @@ def test_static_cache_equals_dynamic_cache_and_full_recompute():
     assert (s_steps - d_steps).abs().max() < 1e-4 and (s_steps - f_steps).abs().max() < 1e-4
 
 
+def test_static_cache_with_aligned_positions_equals_dynamic():
+    from dataclasses import replace
+
+    lm = sharp_lm(replace(CONFIG, positions="aligned"))
+    ctx, mem = context(), text(lm)
+    dynamic = generate(lm, ctx, 9, text_memory=mem, params=GREEDY)
+    static = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, static_cache=True)
+    full = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, use_cache=False)
+    assert torch.equal(static, dynamic) and torch.equal(static, full)
+
+
 def test_static_cache_sampling_draws_the_same_tokens():
     lm = sharp_lm()
     a = generate(lm, context(), 9, seed=3, num_samples=2)
