@@ -353,6 +353,12 @@ def test_shipped_configs_validate():
             config = stage2
         assert config.export.output == Path(f"instruments/weights/{name}.safetensors")
     assert load_config(configs / "demo-codec.yaml", CodecTrainConfig).codec_config.frame_rate == 25
+    experiments = sorted((configs / "experiments").glob("*.yaml"))
+    assert experiments  # the issue-12 levers, with what they measured
+    for path in experiments:
+        config = load_config(path, TrainConfig)
+        assert config.run_dir.parts[:2] == ("runs", "exp") and config.export.output.parts[:2] == ("runs", "exp")
+        assert config.base.expert is not None or config.base.fresh.positions == "aligned"
 
 
 def test_existing_run_dir_is_never_overwritten(shared, tmp_path):
