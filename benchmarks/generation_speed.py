@@ -7,7 +7,9 @@ pattern); classifier-free guidance (batch of 2); one sample.
 
 Rows (each in its own Python process by default, so its peak RSS is its own):
   ours-fp32       stage_stack.generation.generate(use_cache=True), float32
-  ours-bf16       the same model built in bfloat16 (weights and KV cache)
+  ours-bf16       the same model built in bfloat16 (weights; KV cache as stage_stack.machine chooses)
+  ours-int8       weight-only int8 block linears (per output channel), bf16 activations
+  ours-int4       weight-only int4 block linears (groups of 128), bf16 activations
   full-recompute  generate(use_cache=False): the upstream way, re-running the prefix every step.
                   Too slow to run whole, so a few steps are timed at the start, middle and end
                   and the total is interpolated (see `time_full_recompute`).
@@ -23,12 +25,21 @@ and is reported separately from the decode steps. Steps/s "total" includes the p
     python benchmarks/generation_speed.py --threads 1     # full size: ~25 min on one busy core
     python benchmarks/generation_speed.py --quick         # tiny model, ~10 s (CI smoke run)
     python benchmarks/generation_speed.py --steps 40 --configs nocross --methods ours-fp32,ours-bf16
+    python benchmarks/generation_speed.py --configs nocross --steps 40 --thread-counts auto,1 \
+        --methods ours-fp32,ours-bf16,ours-int8,ours-int4,hf-loop,hf-generate      # issue 13's run
+
+Besides the rows, `--accuracy-steps N` (default 48, 0 = off) measures each weight format
+against fp32 teacher-forced over N steps (max logit error, top-1 agreement, KL of the guided
+distribution) at this size and on the bundled demo experts, and `--arrange-formats` times
+`Arranger.from_registry(dtype=F).arrange(["drums", "bass", "keys"], duration=10)` on the demo
+experts in a fresh process per format (real-time factor, end to end).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -54,10 +65,13 @@ from _common import (  # noqa: E402
     write_json,
 )
 
+from stage_stack import machine as stage_machine  # noqa: E402
 from stage_stack.generation import SamplingParams, generate, sample_next  # noqa: E402
+from stage_stack.models.quant import QUANTIZED, release_freed_memory  # noqa: E402
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights  # noqa: E402
 
-METHODS = ("ours-fp32", "ours-bf16", "full-recompute", "hf-generate", "hf-loop")
+OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int4": "int4"}
+METHODS = (*OURS, "full-recompute", "hf-generate", "hf-loop")
 CONFIGS = ("nocross", "cross")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "generation_speed.json"
 CFG_COEF = 3.0
@@ -68,6 +82,11 @@ TARGET_OURS_VS_RECOMPUTE = 10.0
 TARGET_OURS_VS_HF_GENERATE = 1.3
 TARGET_BF16_VS_FP32 = 1.8
 TARGET_RSS_FACTOR, TARGET_RSS_EXTRA = 1.2, 300 * MB
+# Issue 13 targets.
+TARGET_INT8_VS_BF16 = 1.6
+TARGET_BF16_SHARE = 0.6
+TARGET_STEM_S = 20.0  # a 10 s stem with its prefill, best format with >= 95 % top-1 agreement
+TARGET_DEMO_RTF = 10.0
 
 
 @dataclass(frozen=True)
@@ -155,9 +174,11 @@ def text_memory(work: Workload, dim: int) -> tuple[torch.Tensor, torch.Tensor] |
 # -- ours -------------------------------------------------------------------------------------
 
 
-def build_ours(work: Workload, dtype: torch.dtype) -> StageLM:
+def build_ours(work: Workload, dtype: torch.dtype | str) -> StageLM:
     # Built directly in `dtype` (not fp32 then cast) so the process never holds two copies and
     # its peak RSS is what loading an expert in that dtype costs.
+    if dtype in QUANTIZED:
+        return build_quantized(work.lm_config, dtype, work.seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -167,13 +188,69 @@ def build_ours(work: Workload, dtype: torch.dtype) -> StageLM:
     return init_weights(lm, seed=work.seed).eval()
 
 
+def build_quantized(cfg: StageLMConfig, fmt: str, seed: int) -> StageLM:
+    """A random int8/int4 LM built the way load_expert builds one: on the meta device, then one
+    float matrix at a time, quantized as it is made (no float copy of the model ever exists).
+    Weights follow init_weights' recipe with a generator per tensor, so they are a function of
+    (seed, name) and every format of a row set gets the same weights (see `random_float`)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    from stage_stack.models.quant import replace_linears
+
+    with init_empty_weights(include_buffers=False):
+        lm = StageLM(cfg)
+    names = set(replace_linears(lm, fmt))
+    for name, p in list(lm.named_parameters()):
+        set_module_tensor_to_device(lm, name, "cpu", value=random_float(cfg, name, p.shape, seed),
+                                    dtype=torch.bfloat16)
+    for name in sorted(names):
+        lm.get_submodule(name).set_weight(random_float(cfg, name + ".weight", None, seed))
+        release_freed_memory()  # per matrix, as load_expert does
+    return lm.eval()
+
+
+def random_float(cfg: StageLMConfig, name: str, shape, seed: int) -> torch.Tensor:
+    """init_weights' values for parameter `name`, from a generator seeded by (seed, name)."""
+    import zlib
+
+    if shape is None:
+        with torch.device("meta"):
+            shape = StageLM(cfg).get_parameter(name).shape
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    value = torch.randn(shape, generator=gen) * 0.02
+    if name.endswith(("self_attn.out.weight", "ffn.fc2.weight")):
+        value /= math.sqrt(2 * cfg.n_layers)
+    if name.startswith("embeddings."):
+        value[cfg.pad_token] = 0
+    return value
+
+
+def build_float(cfg: StageLMConfig, dtype: torch.dtype, seed: int) -> StageLM:
+    """The float model with `random_float` weights (the reference of the accuracy table)."""
+    lm = StageLM(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            p.copy_(random_float(cfg, name, p.shape, seed))
+    return lm.eval()
+
+
 def run_ours(lm: StageLM, work: Workload, context: torch.Tensor, *, use_cache: bool = True,
              prompt: torch.Tensor | None = None, stop_after: int | None = None) -> StepClock:
     memory = text_memory(work, lm.config.dim)
     clock = StepClock(stop_after=stop_after if stop_after is not None else work.steps)
+
+    def tick(done, total):
+        clock.threads = torch.get_num_threads()  # what generate() chose (stage_stack.machine)
+        clock.tick(done, total)
+
     try:
         generate(lm, context, work.gen_frames, text_memory=memory, prompt=prompt, seed=work.seed,
-                 callback=clock.tick, use_cache=use_cache)
+                 callback=tick, use_cache=use_cache)
     except _StopGeneration:
         pass
     return clock
@@ -189,7 +266,8 @@ def ours_step_bytes(lm: StageLM) -> int:
     """Weight bytes one decoding step reads: every matrix on the per-step path, plus one
     embedding row per codebook. Cross-attention k/v and text_proj run once per call, not per step."""
     skipped = ("embeddings.", "text_proj.")
-    total = sum(p.numel() * p.element_size() for name, p in lm.named_parameters()
+    tensors = list(lm.named_parameters()) + list(lm.named_buffers())  # quantized weights are buffers
+    total = sum(p.numel() * p.element_size() for name, p in tensors
                 if not name.startswith(skipped) and ".cross_attn.kv." not in name)
     p = lm.final_norm.weight
     return total + lm.config.n_q * lm.config.dim * p.element_size()
@@ -402,9 +480,15 @@ def run_hf_loop(model, work: Workload, stop_after: int | None = None) -> StepClo
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the model for one (config, method), warm up, time the workload, report memory."""
     method = spec.pop("method")
+    if method == "accuracy":
+        return measure_accuracy(spec)
+    if method.startswith("arrange-"):
+        return measure_arrange(spec, method.removeprefix("arrange-"))
+    spec.pop("arrange_seconds", None)
     work = Workload(**spec)
     if work.threads:
         torch.set_num_threads(work.threads)
+        os.environ["STAGE_STACK_THREADS"] = str(work.threads)  # generate() would choose otherwise
     torch.manual_seed(work.seed)
     rss_start = rss_bytes()
     t0 = time.perf_counter()
@@ -415,11 +499,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     extra_kv = work.text_tokens if work.cross else 0
 
     with torch.no_grad():
-        if method in ("ours-fp32", "ours-bf16", "full-recompute"):
-            dtype = torch.bfloat16 if method == "ours-bf16" else torch.float32
+        if method in OURS or method == "full-recompute":
+            fmt = OURS.get(method, "fp32")
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(fmt, fmt)
             model = build_ours(work, dtype)
             row["build_s"] = time.perf_counter() - t0
-            weights = list(model.parameters())
+            weights = list(model.parameters()) + list(model.buffers())
+            dtype = fmt
             step_bytes = ours_step_bytes(model)
             kv_dtype = model.new_cache(1, 1).keys[0].dtype  # may differ from the weights'
             warm_up_ours(model, work, use_cache=method != "full-recompute")
@@ -429,10 +515,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             context = context_codes(work)
             if method == "full-recompute":
                 timing = time_full_recompute(model, work, context)
+                clock = None
             else:
-                timing = run_ours(model, work, context).timing()
+                clock = run_ours(model, work, context)
+                timing = clock.timing()
         elif method in ("hf-generate", "hf-loop"):
             dtype = torch.float32
+            if not work.threads:  # like for like: the count generate() would choose for this size
+                torch.set_num_threads(stage_machine.choose_threads(400_000_000 if not work.quick else 1))
             model = build_hf(work, conditional=method == "hf-generate" and work.cross)
             row["build_s"] = time.perf_counter() - t0
             weights = list(model.parameters())
@@ -451,7 +541,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 if timing["prefill_forwards"] == 0:
                     kv_rows_len = (work.steps + 1) / 2 + 0.5  # cache grows from 1: prompt ignored
             else:
-                timing = run_hf_loop(model, work).timing()
+                clock = run_hf_loop(model, work)
+                timing = clock.timing()
         else:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
@@ -459,10 +550,17 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     element = torch.tensor([], dtype=kv_dtype).element_size()
     kv_bytes = 2 * cfg.n_layers * B * (kv_rows_len + extra_kv) * cfg.dim * element
     row.update(timing)
+    n_params = sum(p.numel() for p in model.parameters())
+    row["runtime"] = stage_machine.runtime_report(n_params)  # CPU, flags, kernel and thread choices
+    if timing.get("decode_steps_per_s"):
+        # A whole 10 s stem (every step of the workload), extrapolated from the timed steps.
+        full = work.gen_frames + cfg.n_q - 1
+        row["stem_total_s_est"] = timing["prefill_s"] + (full - 1) / timing["decode_steps_per_s"]
     row.update({
         "dtype": str(dtype).removeprefix("torch."),
         "kv_dtype": str(kv_dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        "threads": getattr(clock, "threads", None) or torch.get_num_threads(),
+        "thread_setting": str(work.threads) if work.threads else "auto",
         "weight_bytes": tensor_bytes(weights),
         "weight_bytes_per_step": step_bytes,
         "kv_bytes_per_step": int(kv_bytes),
@@ -474,6 +572,112 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "load_average_after": load_average(),
     })
     return row
+
+
+# -- accuracy of the weight formats -----------------------------------------------------------
+
+
+def guided_logits(lm: StageLM, codes: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Teacher-forced guided logits [steps, K, card] (float32) of the last `steps` positions."""
+    from stage_stack.models.stage_lm import positions_from_mask
+
+    with torch.inference_mode():
+        out = lm(codes, mask, positions=positions_from_mask(mask)).float()[:, :, -steps:]  # [2, K, steps, card]
+    cond, uncond = out[0], out[1]
+    return (uncond + CFG_COEF * (cond - uncond)).transpose(0, 1)
+
+
+def compare_logits(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    p_ref = torch.softmax(ref, dim=-1)
+    kl = (p_ref * (torch.log_softmax(ref, -1) - torch.log_softmax(got, -1))).sum(-1)
+    return {"max_logit_error": float((got - ref).abs().max()), "mean_logit_error": float((got - ref).abs().mean()),
+            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "kl_guided_mean": float(kl.mean()), "kl_guided_max": float(kl.max()), "logit_range": float(ref.abs().max())}
+
+
+def accuracy_sequence(cfg: StageLMConfig, context: int, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG rows [cond, uncond] of a generation layout with random target tokens filled in."""
+    from stage_stack.layout import UNFILLED, TokenLayout
+
+    layout = TokenLayout.for_card(cfg.card, cfg.n_q)
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(0, cfg.card, (1, cfg.n_q, context), generator=gen)
+    batch = layout.generation_batch(ctx, steps)
+    codes = batch.codes[..., : batch.start_offset + steps]
+    fill = torch.randint(0, cfg.card, codes.shape[1:], generator=gen).expand_as(codes)
+    return torch.where(codes == UNFILLED, fill, codes), batch.attention_mask[:, : codes.shape[-1]]
+
+
+def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
+    """Each format against fp32, teacher forced: at the benchmark's size (random weights, the
+    same values in every format) and on the bundled demo experts (trained weights, their own
+    fp32 greedy continuation of a random context as the sequence)."""
+    steps, seed = spec["accuracy_steps"], spec["seed"]
+    work = Workload(**{k: v for k, v in spec.items() if k in Workload.__dataclass_fields__})
+    cfg = work.lm_config
+    if work.threads:
+        torch.set_num_threads(work.threads)
+    result: dict[str, Any] = {"steps": steps, "formats": {}, "demo": {}}
+    codes, mask = accuracy_sequence(cfg, min(work.context_frames, 100), steps, seed)
+    ref = guided_logits(build_float(cfg, torch.float32, seed), codes, mask, steps)
+    for fmt in ("bf16", "int8", "int4"):
+        lm = build_float(cfg, torch.bfloat16, seed) if fmt == "bf16" else build_quantized(cfg, fmt, seed)
+        result["formats"][fmt] = compare_logits(guided_logits(lm, codes, mask, steps), ref)
+        del lm
+    if not work.quick:
+        from stage_stack.expert import load_expert
+        from stage_stack.registry import Registry
+
+        registry = Registry.load()
+        for name in ("drums", "bass", "keys"):
+            try:
+                path = registry.resolve_expert(name).path
+            except Exception as exc:  # not installed: say so in the JSON
+                result["demo"][name] = {"error": str(exc).splitlines()[0]}
+                continue
+            fp32 = load_expert(path, load_text=False).lm
+            dcfg = fp32.config
+            gen = torch.Generator().manual_seed(seed)
+            ctx = torch.randint(0, dcfg.card, (1, dcfg.n_q, 50), generator=gen)
+            frames = generate(fp32, ctx, steps, params=SamplingParams(greedy=True))
+            from stage_stack.layout import TokenLayout
+
+            layout = TokenLayout.for_card(dcfg.card, dcfg.n_q)
+            batch = layout.generation_batch(ctx, steps)
+            filled = layout.interleave(layout.frames(torch.cat([ctx, torch.full_like(ctx, dcfg.card)]),
+                                                     torch.cat([frames, frames])))
+            codes_d = filled[..., : batch.start_offset + steps]
+            mask_d = batch.attention_mask[:, : codes_d.shape[-1]]
+            ref_d = guided_logits(fp32, codes_d, mask_d, steps)
+            result["demo"][name] = {fmt: compare_logits(guided_logits(load_expert(path, dtype=fmt, load_text=False).lm,
+                                                                      codes_d, mask_d, steps), ref_d)
+                                    for fmt in ("bf16", "int8", "int4")}
+    return result
+
+
+def measure_arrange(spec: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """Three layers of 10 s through the Arranger on the bundled demo experts, in this fresh process."""
+    if spec.get("threads"):
+        os.environ["STAGE_STACK_THREADS"] = str(spec["threads"])
+    started = time.perf_counter()
+    cpu0 = time.process_time()
+    from stage_stack import Arranger
+
+    imported = time.perf_counter()
+    arranger = Arranger.from_registry(dtype=fmt)
+    t0, c0 = time.perf_counter(), time.process_time()
+    song = arranger.arrange(["drums", "bass", "keys"], duration=spec["arrange_seconds"], seed=spec["seed"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    seconds = spec["arrange_seconds"]
+    layers = [{"instrument": layer.instrument, **layer.timings.model_dump()} for layer in song.manifest.layers]
+    return {"format": fmt, "arrange_s": wall, "cpu_s": cpu, "import_s": imported - started,
+            "song_seconds": seconds, "stem_seconds": 3 * seconds,
+            "rtf_song": seconds / wall, "rtf_stems": 3 * seconds / wall,
+            "load_s": sum(layer["load_s"] for layer in layers),
+            "rtf_stems_without_load": 3 * seconds / (wall - sum(layer["load_s"] for layer in layers)),
+            "layers": layers, "peak_rss_mb": (peak_rss_bytes() or 0) / MB, "process_cpu_s": time.process_time() - cpu0,
+            "runtime": stage_machine.runtime_report(4_000_000), "threads_setting": spec.get("threads") or "auto",
+            "load_average": load_average()}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -506,37 +710,70 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             row["rss_limit_mb"] = limit / MB
 
     ratios, targets = [], []
-    for config in sorted({r["config"] for r in rows}, key=CONFIGS.index):
-        fp32, bf16 = _find(rows, config, "ours-fp32"), _find(rows, config, "ours-bf16")
-        recompute, hf_gen, hf_loop = (_find(rows, config, m) for m in ("full-recompute", "hf-generate", "hf-loop"))
+    groups = sorted({(r["config"], r.get("thread_setting", "auto")) for r in rows},
+                    key=lambda g: (CONFIGS.index(g[0]), g[1]))
+    for config, threads in groups:
+        group = [r for r in rows if r.get("thread_setting", "auto") == threads]
+        fp32, bf16, int8, int4 = (_find(group, config, m) for m in OURS)
+        recompute, hf_gen, hf_loop = (_find(group, config, m) for m in ("full-recompute", "hf-generate", "hf-loop"))
         pairs = [
             ("ours fp32 / full-recompute", fp32, recompute, TARGET_OURS_VS_RECOMPUTE, "steps_per_s"),
             ("ours fp32 / hf-generate", fp32, hf_gen, TARGET_OURS_VS_HF_GENERATE, "steps_per_s"),
             ("ours fp32 / hf-generate", fp32, hf_gen, TARGET_OURS_VS_HF_GENERATE, "decode_steps_per_s"),
-            ("ours fp32 / hf-loop", fp32, hf_loop, None, "steps_per_s"),
-            ("ours fp32 / hf-loop", fp32, hf_loop, None, "decode_steps_per_s"),
-            ("ours bf16 / ours fp32", bf16, fp32, TARGET_BF16_VS_FP32, "steps_per_s"),
-            ("ours bf16 / ours fp32", bf16, fp32, TARGET_BF16_VS_FP32, "decode_steps_per_s"),
-            ("ours bf16 / full-recompute", bf16, recompute, None, "steps_per_s"),
+            ("ours fp32 / hf-loop", fp32, hf_loop, TARGET_OURS_VS_HF_GENERATE, "steps_per_s"),
+            ("ours fp32 / hf-loop", fp32, hf_loop, TARGET_OURS_VS_HF_GENERATE, "decode_steps_per_s"),
+            ("ours fp32 / hf-loop", fp32, hf_loop, None, "decode_steps_per_cpu_s"),
+            ("ours bf16 / ours fp32", bf16, fp32, None, "decode_steps_per_s"),
+            ("ours bf16 / ours fp32", bf16, fp32, None, "decode_steps_per_cpu_s"),
+            ("ours int8 / ours bf16", int8, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
+            ("ours int8 / ours bf16", int8, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_cpu_s"),
+            ("ours int4 / ours bf16", int4, bf16, None, "decode_steps_per_s"),
+            ("ours int8 / ours fp32", int8, fp32, None, "decode_steps_per_s"),
         ]
         for name, a, b, target, key in pairs:
             value = _ratio(a, b, key)
             if value is None:
                 continue
-            entry = {"config": config, "ratio": name, "on": key, "value": value, "target": target,
-                     "met": None if target is None else value >= target}
-            ratios.append(entry)
-        for r in (fp32, bf16):
+            ratios.append({"config": config, "threads": threads, "ratio": name, "on": key, "value": value,
+                           "target": target, "met": None if target is None else value >= target})
+        if bf16 is not None and bf16.get("bound_share"):
+            targets.append({"config": config, "threads": threads, "target": "bf16 decode share of the bandwidth bound",
+                            "value": bf16["bound_share"], "limit": TARGET_BF16_SHARE,
+                            "met": bf16["bound_share"] >= TARGET_BF16_SHARE})
+        for r in (fp32, bf16, int8, int4):
             if r is not None and "rss_ok" in r:
-                targets.append({"config": config, "target": f"{r['method']} peak RSS <= 1.2 x weights + 300 MB",
-                                "value_mb": r["peak_rss_mb"], "limit_mb": r["rss_limit_mb"], "met": r["rss_ok"]})
+                targets.append({"config": config, "threads": threads,
+                                "target": f"{r['method']} peak RSS <= 1.2 x weights + 300 MB",
+                                "value": r["peak_rss_mb"], "limit": r["rss_limit_mb"], "met": r["rss_ok"]})
     return ratios, targets
+
+
+def stem_target(rows: list[dict], accuracy: dict | None) -> list[dict]:
+    """A 10 s stem with prefill, best format whose top-1 agreement with fp32 is >= 95 %."""
+    out = []
+    agree = {"fp32": 1.0, **{f: v["top1_agreement"] for f, v in (accuracy or {}).get("formats", {}).items()}}
+    for config, threads in sorted({(r["config"], r.get("thread_setting", "auto")) for r in rows}):
+        cands = [r for r in rows if r["config"] == config and r.get("thread_setting", "auto") == threads
+                 and r["method"] in OURS and r.get("stem_total_s_est") and agree.get(OURS[r["method"]], 0) >= 0.95]
+        if cands:
+            best = min(cands, key=lambda r: r["stem_total_s_est"])
+            out.append({"config": config, "threads": threads, "target": "10 s stem total (prefill + 503 steps, "
+                        "extrapolated), best format with top-1 >= 95 %", "format": OURS[best["method"]],
+                        "value": best["stem_total_s_est"], "limit": TARGET_STEM_S,
+                        "met": best["stem_total_s_est"] <= TARGET_STEM_S})
+    return out
 
 
 METHOD_NOTES = {
     "ours-fp32": "stage_stack.generation.generate(use_cache=True), float32. Step 1 is the prefill (C + 2 prefix "
                  "steps, CFG batch 2); the other steps feed one column.",
-    "ours-bf16": "The same, model built directly in bfloat16 (weights and KV cache); sampling in float32.",
+    "ours-bf16": "The same, model built directly in bfloat16 (KV cache dtype as stage_stack.machine chooses for this "
+                 "CPU, see runtime.kernels); CFG mixing and sampling in float32.",
+    "ours-int8": "Weight-only int8 block linears (per output channel, aten._weight_int8pack_mm), bf16 activations, "
+                 "embeddings and heads; built on the meta device and quantized one matrix at a time, as load_expert "
+                 "does.",
+    "ours-int4": "Weight-only int4 block linears (groups of 128, aten._weight_int4pack_mm_for_cpu), otherwise as "
+                 "ours-int8.",
     "full-recompute": "generate(use_cache=False): every step re-runs the whole prefix (the upstream way), same fp32 "
                       "model. ESTIMATED: a few steps are timed at the start, middle and end of the workload (reached "
                       "through generate(prompt=...), so the prefix has the real length) and the total is the sum over "
@@ -572,13 +809,20 @@ def previous_rows(path: Path, workload: dict[str, Any]) -> dict[tuple[str, str],
     return {(r["config"], r["method"]): r for r in earlier.get("rows", []) if "error" not in r}
 
 
+ACCURACY_COLUMNS = [("model", "model"), ("format", "format"), ("max_logit_error", "max |logit err|"),
+                    ("mean_logit_error", "mean |logit err|"), ("logit_range", "max |logit|"),
+                    ("top1_agreement", "top-1 agree"), ("kl_guided_mean", "KL mean"), ("kl_guided_max", "KL max")]
+ARRANGE_COLUMNS = [("format", "format"), ("thread_setting", "threads"), ("arrange_s", "arrange s"), ("load_s", "load s"),
+                   ("rtf_stems", "x real time (stems)"), ("rtf_song", "x real time (song)"),
+                   ("rtf_stems_without_load", "x rt (stems, no load)"), ("peak_rss_mb", "peak RSS MB"),
+                   ("load_average", "load avg")]
 COLUMNS = [
-    ("config", "config"), ("method", "method"), ("dtype", "dtype"), ("steps", "steps"),
+    ("config", "config"), ("method", "method"), ("thread_setting", "threads"), ("dtype", "dtype"), ("steps", "steps"),
     ("prefill_s", "prefill s"), ("decode_steps_per_s", "decode steps/s"), ("total_s", "total s"),
     ("steps_per_s", "steps/s (total)"), ("decode_steps_per_cpu_s", "decode steps/cpu-s"),
     ("bound_steps_per_s", "bw bound steps/s"), ("bound_share", "share"),
     ("bound_kv_share", "share (w+KV)"), ("weight_mb", "weights MB"), ("peak_rss_mb", "peak RSS MB"),
-    ("rss_limit_mb", "RSS limit MB"), ("note", "note"),
+    ("rss_limit_mb", "RSS limit MB"), ("stem_total_s_est", "10 s stem s (est.)"), ("note", "note"),
 ]
 
 
@@ -601,6 +845,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per row (default: torch's; 1 with --quick, which is steadier on a busy "
                              "machine: OpenMP threads spin-wait on each other when the cores are shared)")
+    parser.add_argument("--thread-counts", default=None,
+                        help="comma list of thread settings to run every row at, side by side: 'auto' (what "
+                             "stage_stack.machine chooses, STAGE_STACK_THREADS unset) and/or counts, e.g. auto,1. "
+                             "Overrides --threads")
+    parser.add_argument("--all-rows-every-thread-count", action="store_true",
+                        help="also run the reference rows (transformers, full recompute) at every --thread-counts "
+                             "setting (default: the first only)")
+    parser.add_argument("--accuracy-steps", type=int, default=None,
+                        help="teacher-forced steps of the format-accuracy table (default 48, quick 8; 0 = skip)")
+    parser.add_argument("--arrange-formats", default=None,
+                        help="weight formats for the demo-expert Arranger rows (default fp32,int8; 'none' = skip; "
+                             "not with --quick)")
+    parser.add_argument("--arrange-seconds", type=float, default=10.0, help="song length of the Arranger rows")
     parser.add_argument("--bandwidth-mb", type=int, default=None, help="copy buffer size (default 512, quick 64)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="one Python process per row for clean peak RSS (default: on, off with --quick)")
@@ -630,10 +887,20 @@ def main(argv: list[str] | None = None) -> int:
     isolate = (not args.quick) if args.isolate is None else args.isolate
     if args.threads is None and args.quick:
         args.threads = 1
+    if args.thread_counts:
+        thread_settings = [t.strip() for t in args.thread_counts.split(",") if t.strip()]
+        bad = [t for t in thread_settings if t != "auto" and not t.isdigit()]
+        if bad or not thread_settings:
+            parser.error(f"--thread-counts: expected 'auto' or thread counts, got {bad or args.thread_counts!r}")
+    else:
+        thread_settings = [str(args.threads) if args.threads else "auto"]
     if args.threads:
         torch.set_num_threads(args.threads)
+    accuracy_steps = args.accuracy_steps if args.accuracy_steps is not None else (8 if args.quick else 48)
+    arrange_formats = [] if args.quick else [
+        f.strip() for f in (args.arrange_formats or "fp32,int8").split(",") if f.strip() and f.strip() != "none"]
 
-    machine = machine_info()
+    machine = {**machine_info(), "runtime": stage_machine.runtime_report(400_000_000)}
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
           f"AMX-BF16 {machine['amx_bf16']}, AVX512-BF16 {machine['avx512_bf16']}, "
           f"load {machine['load_average_1_5_15min']}", file=sys.stderr)
@@ -651,48 +918,93 @@ def main(argv: list[str] | None = None) -> int:
     earlier = previous_rows(args.output, workload) if args.resume else {}
 
     rows = payload["rows"]
-    for config in configs:
-        for method in methods:
-            if (config, method) in earlier:
-                rows.append(earlier[(config, method)])
-                print(f"[{config}/{method}] kept from {args.output}", file=sys.stderr)
-                continue
-            spec = dict(asdict(Workload(
-                quick=args.quick, cross=config == "cross", context_frames=context_frames, gen_frames=gen_frames,
-                steps=steps, text_tokens=args.text_tokens, recompute_samples=args.recompute_samples,
-                threads=args.threads, seed=args.seed)), method=method)
-            print(f"[{config}/{method}] running ({'own process' if isolate else 'in process'})...", file=sys.stderr)
-            started = time.perf_counter()
-            try:
-                row = run_isolated(__file__, spec) if isolate else measure(dict(spec))
-            except Exception as exc:  # one broken row must not throw away the others (runs take long)
-                if not isolate:
-                    raise
-                rows.append({"config": config, "method": method, "error": str(exc)})
-                print(f"[{config}/{method}] FAILED: {exc}", file=sys.stderr)
-                write_json(args.output, payload)
-                continue
-            row["wall_s"] = time.perf_counter() - started
-            key = f"{method}/{config}" if f"{method}/{config}" in METHOD_NOTES else method
-            row["note"] = {"full-recompute": "estimated", "hf-generate": "no prefill (bug)" if config == "nocross"
-                           else "prefill x2 (bug)"}.get(method, "")
-            row["method_note"] = METHOD_NOTES[key]
-            rows.append(row)
-            write_json(args.output, payload)  # progress survives an interrupted run (see --resume)
-            print(f"[{config}/{method}] {row['steps_per_s']:.3g} steps/s total, "
-                  f"{row['decode_steps_per_s'] or float('nan'):.3g} decode steps/s ({row['wall_s']:.0f} s)",
-                  file=sys.stderr)
+    # The transformers and full-recompute rows are the references: at the first thread setting only
+    # (they are the slowest rows; the ratios are within one thread setting).
+    reference = ("full-recompute", "hf-generate", "hf-loop")
+    jobs = [(config, method, threads) for threads in thread_settings for config in configs for method in methods
+            if method not in reference or threads == thread_settings[0] or args.all_rows_every_thread_count]
+    jobs += [("demo", f"arrange-{fmt}", threads) for threads in thread_settings for fmt in arrange_formats]
+    for config, method, threads in jobs:
+        spec_threads = None if threads == "auto" else int(threads)
+        key_row = (config, method) if len(thread_settings) == 1 else (config, f"{method}@{threads}")
+        if key_row in earlier:
+            rows.append(earlier[key_row])
+            print(f"[{config}/{method}] kept from {args.output}", file=sys.stderr)
+            continue
+        spec = dict(asdict(Workload(
+            quick=args.quick, cross=config == "cross", context_frames=context_frames, gen_frames=gen_frames,
+            steps=steps, text_tokens=args.text_tokens, recompute_samples=args.recompute_samples,
+            threads=spec_threads, seed=args.seed)), method=method, arrange_seconds=args.arrange_seconds)
+        print(f"[{config}/{method}/threads {threads}] running ({'own process' if isolate else 'in process'})...", file=sys.stderr)
+        started = time.perf_counter()
+        try:
+            row = run_isolated(__file__, spec) if isolate else measure(dict(spec))
+        except Exception as exc:  # one broken row must not throw away the others (runs take long)
+            if not isolate:
+                raise
+            rows.append({"config": config, "method": method, "thread_setting": threads, "error": str(exc)})
+            print(f"[{config}/{method}] FAILED: {exc}", file=sys.stderr)
+            write_json(args.output, payload)
+            continue
+        row["wall_s"] = time.perf_counter() - started
+        row["thread_setting"] = threads
+        if method.startswith("arrange-"):
+            row.update(config=config, method=method)
+            payload.setdefault("arrange", []).append(row)
+            write_json(args.output, payload)
+            print(f"[demo/{method}/threads {threads}] {row['rtf_stems']:.2f}x real time (stems), "
+                  f"{row['rtf_song']:.2f}x (song), {row['wall_s']:.0f} s", file=sys.stderr)
+            continue
+        key = f"{method}/{config}" if f"{method}/{config}" in METHOD_NOTES else method
+        row["note"] = {"full-recompute": "estimated", "hf-generate": "no prefill (bug)" if config == "nocross"
+                       else "prefill x2 (bug)"}.get(method, "")
+        row["method_note"] = METHOD_NOTES[key]
+        rows.append(row)
+        write_json(args.output, payload)  # progress survives an interrupted run (see --resume)
+        print(f"[{config}/{method}] {row['steps_per_s']:.3g} steps/s total, "
+              f"{row['decode_steps_per_s'] or float('nan'):.3g} decode steps/s ({row['wall_s']:.0f} s)",
+              file=sys.stderr)
+
+    accuracy = None
+    if accuracy_steps:
+        spec = dict(asdict(Workload(
+            quick=args.quick, cross=False, context_frames=context_frames, gen_frames=gen_frames, steps=steps,
+            text_tokens=args.text_tokens, recompute_samples=args.recompute_samples, threads=None, seed=args.seed)),
+            method="accuracy", accuracy_steps=accuracy_steps)
+        print(f"[accuracy] {accuracy_steps} teacher-forced steps per format...", file=sys.stderr)
+        try:
+            accuracy = run_isolated(__file__, spec) if isolate else measure(dict(spec))
+        except Exception as exc:
+            if not isolate:
+                raise
+            accuracy = {"error": str(exc)}
+        payload["accuracy"] = accuracy
 
     bw_after = copy_bandwidth(bandwidth_mb)
     bandwidth = max(bw_before["best_gb_per_s"], bw_after["best_gb_per_s"]) * 1e9
     measured = [r for r in rows if "error" not in r]
     ratios, targets = summarize(measured, bandwidth, isolate)
+    targets += stem_target(measured, accuracy if accuracy and "error" not in accuracy else None)
+    for row in payload.get("arrange", []):
+        targets.append({"config": "demo", "threads": row["thread_setting"],
+                        "target": f"demo experts, 3 layers x {row['song_seconds']:g} s through Arranger "
+                                  f"({row['format']}), stem-seconds per wall second",
+                        "value": row["rtf_stems"], "limit": TARGET_DEMO_RTF, "met": row["rtf_stems"] >= TARGET_DEMO_RTF})
 
     print()
     print(f"Generation speed: {context_frames} context frames, {gen_frames} generated, {steps} steps "
           f"(step 1 = prefill of {context_frames + 2} steps), CFG batch 2, one sample, "
           f"{'tiny model (--quick)' if args.quick else 'MusicGen-small size, random weights'}")
     print(format_table(measured, COLUMNS))
+    if accuracy and "error" not in accuracy:
+        acc_rows = [{"model": "this size (random)", "format": f, **v} for f, v in accuracy["formats"].items()]
+        for name, per in accuracy.get("demo", {}).items():
+            acc_rows += [{"model": f"demo {name}", "format": f, **v} for f, v in per.items() if isinstance(v, dict)]
+        print(f"\nAccuracy against fp32, teacher forced over {accuracy['steps']} steps (guided logits, CFG {CFG_COEF}):")
+        print(format_table(acc_rows, ACCURACY_COLUMNS))
+    if payload.get("arrange"):
+        print("\nDemo experts through Arranger (fresh process per row; load includes the first imports of the codec):")
+        print(format_table(payload["arrange"], ARRANGE_COLUMNS))
     for r in rows:
         if "error" in r:
             print(f"  [{r['config']}/{r['method']}] failed: {r['error']}")
@@ -705,10 +1017,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = ""
         if r["target"] is not None and not args.quick:
             verdict = f"  target >= {r['target']}: {'met' if r['met'] else 'NOT met'}"
-        print(f"  [{r['config']}] {r['ratio']} ({r['on']}): {r['value']:.2f}x{verdict}")
+        print(f"  [{r['config']}, threads {r['threads']}] {r['ratio']} ({r['on']}): {r['value']:.2f}x{verdict}")
     for t in targets:
-        print(f"  [{t['config']}] {t['target']}: {t['value_mb']:.0f} MB vs {t['limit_mb']:.0f} MB: "
-              f"{'met' if t['met'] else 'NOT met'}")
+        print(f"  [{t['config']}, threads {t['threads']}] {t['target']}{' (' + t['format'] + ')' if 'format' in t else ''}: "
+              f"{t['value']:.3g} vs {t['limit']:.3g}: {'met' if t['met'] else 'NOT met'}")
     if not machine["amx_bf16"]:
         print("  note: the issue's targets assume AMX-BF16; this CPU has none "
               f"(AVX512-BF16: {machine['avx512_bf16']}).")

@@ -104,7 +104,8 @@ class Arranger:
                 {instrument: device} (stage_stack.placement)
     max_memory  {device: bytes or "24GiB"}: experts are loaded lazily, least recently used
                 ones are unloaded when a device's budget would be exceeded
-    dtype       the LMs' dtype ("float32", "bfloat16", "float16"); codecs run in float32
+    dtype       the LMs' weight format (stage_stack.expert.WeightFormat: "fp32", "bf16", "fp16", "int8",
+                "int4"; aliases "float32", "bfloat16", "float16"); codecs run in float32
     click       the default click mode; None = "none": layers hear the mix alone, as the experts
                 were trained (STAGE pairs are a mix *or* a click, never both summed); the first
                 layer of a song without context hears the click whatever the mode
@@ -120,7 +121,7 @@ class Arranger:
         registry: "Registry | None" = None,
         device_map: DeviceMap = "auto",
         max_memory: Mapping[str, int | str] | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "fp32",
         click: ClickMode | None = None,
         sample_rate: int | None = None,
         limiter: LimiterSettings = LimiterSettings(),
@@ -134,7 +135,9 @@ class Arranger:
         self.experts = {name: (Path(src) if isinstance(src, (str, os.PathLike)) else src)
                         for name, src in (experts or {}).items()}
         self.device_map = device_map
-        self.dtype = dtype
+        from .expert import resolve_format
+
+        self.dtype = resolve_format(dtype)  # a bad name fails here, before any expert is read
         self.click = click
         self.sample_rate = None if sample_rate is None else check_sample_rate(sample_rate, "Arranger(sample_rate=...)")
         self.limiter = limiter
@@ -198,9 +201,9 @@ class Arranger:
             self._pool.placement[name] = plan[name]
 
     def _torch_dtype(self) -> torch.dtype:
-        from .expert import resolve_dtype
+        from .expert import FORMAT_DTYPES
 
-        return resolve_dtype(self.dtype)
+        return FORMAT_DTYPES[self.dtype]  # int8/int4: an upper bound (their block linears are smaller)
 
     def _load(self, name: str, source: Path, device: str) -> Expert:
         return load_expert(source, device=device, dtype=self.dtype, sha256=self._expected_sha.get(name))

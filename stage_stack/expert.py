@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,6 +33,15 @@ from .models.stage_lm import StageLM, StageLMConfig
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+# The one list of weight formats an LM can be loaded in (load_expert, Arranger, the CLI's --dtype).
+# int8 / int4 are weight-only quantization applied at load time (stage_stack.models.quant):
+# bfloat16 activations; the CFG mixing and the sampler run in float32 for every format.
+WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "int4"]
+WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
+FORMAT_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+FORMAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
+                 "int4": torch.bfloat16}  # the floating-point parts (activations, norms, embeddings, heads)
 
 
 class WeightsRef(BaseModel):
@@ -272,6 +281,11 @@ def save_expert(
     text_encoder: torch.nn.Module | None = None,
 ) -> Path:
     """Write an expert file atomically. `codec` is required when metadata.codec.embedded."""
+    from .models.quant import QUANTIZED
+
+    if any(isinstance(m, tuple(QUANTIZED.values())) for m in lm.modules()):
+        raise ValueError("this LM was loaded as int8/int4 (quantized at load time); save the float LM it came "
+                         "from instead (load the expert with dtype='fp32' or 'bf16')")
     tensors = {f"lm.{k}": v for k, v in lm.state_dict().items()}
     if metadata.codec.embedded:
         if codec is None:
@@ -318,6 +332,17 @@ def save_codec(path: str | os.PathLike, codec: Codec, id: str = "") -> Path:
 
 
 # -- devices ----------------------------------------------------------------------------------
+
+def resolve_format(value: str | torch.dtype) -> str:
+    """A weight format name (`WeightFormat`) from a name, an alias (float32, ...) or a torch dtype."""
+    if isinstance(value, torch.dtype):
+        value = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(value, str(value))
+    name = FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
+    if name not in WEIGHT_FORMATS:
+        raise DeviceError(f"dtype {value!r} is not supported; use one of {', '.join(WEIGHT_FORMATS)} "
+                          "(or float32, bfloat16, float16)")
+    return name
+
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -370,6 +395,28 @@ def _fill(module: torch.nn.Module, path: Path, prefix: str, device: torch.device
             target_dtype = dtype if value.is_floating_point() else None
             set_module_tensor_to_device(module, name, device, value=value, dtype=target_dtype)
     module.to(device)  # non-persistent buffers (not in the file) follow the weights
+
+
+def _fill_quantized(lm: torch.nn.Module, path: Path, prefix: str, device: torch.device, dtype: torch.dtype,
+                    fmt: str) -> None:
+    """`_fill` for int8 / int4: each block linear's float weight is quantized as it is read."""
+    from safetensors import safe_open
+
+    from .models.quant import release_freed_memory, replace_linears
+
+    names = set(replace_linears(lm, fmt, device=device))
+    float_names = [n for n in lm.state_dict() if n.rpartition(".")[0] not in names]
+    from accelerate.utils import set_module_tensor_to_device
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in float_names:
+            value = f.get_tensor(prefix + name)
+            set_module_tensor_to_device(lm, name, device, value=value,
+                                        dtype=dtype if value.is_floating_point() else None)
+        for name in sorted(names):
+            lm.get_submodule(name).set_weight(f.get_tensor(prefix + name + ".weight"))
+            release_freed_memory()  # per matrix: freed float copies would otherwise pile up
+    lm.to(device)
 
 
 def build_empty(factory):
@@ -438,19 +485,25 @@ class Expert:
 def load_expert(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = "float32",
+    dtype: WeightFormat | str | torch.dtype = "fp32",
     sha256: str | None = None,
     codec_dirs: list[str | os.PathLike] = (),
     load_text: bool = True,
 ) -> Expert:
-    """Load an expert: LM in `dtype` on `device`; codec (always float32) on the same device.
+    """Load an expert: LM in weight format `dtype` on `device`; codec (always float32) on the same device.
 
-    The modules are built on the meta device and filled from the file, so loading needs one
-    copy of the weights in memory, not two.
+    `dtype` is a `WeightFormat`: fp32, bf16, fp16, or int8 / int4 (weight-only quantization of
+    the block linears at load time, on the CPU; see stage_stack.models.quant). The modules are
+    built on the meta device and filled from the file tensor by tensor, so loading needs one
+    copy of the weights in memory, not two (a quantized matrix is quantized as it is read).
     """
     path = Path(path)
-    dtype = resolve_dtype(dtype)
+    fmt = resolve_format(dtype)
+    dtype = FORMAT_DTYPES[fmt]
     device = resolve_device(device)
+    if fmt in ("int8", "int4") and device.type != "cpu":
+        raise DeviceError(f"dtype {fmt!r} uses torch's CPU weight-only kernels; load it with device='cpu', "
+                          "or use dtype='bf16' on this device")
     digest = None
     if sha256 is not None:
         digest = sha256_file(path) if path.is_file() else None
@@ -466,7 +519,10 @@ def load_expert(
 
     lm = build_empty(lambda: StageLM(metadata.lm_cfg))
     _check_keys(str(path), entries, "lm.", {k: v.shape for k, v in lm.state_dict().items()})
-    _fill(lm, path, "lm.", device, dtype)
+    if fmt in ("int8", "int4"):
+        _fill_quantized(lm, path, "lm.", device, dtype, fmt)
+    else:
+        _fill(lm, path, "lm.", device, dtype)
     lm.eval()
 
     codec_cfg = metadata.codec_cfg

@@ -9,11 +9,13 @@ reads keys/values from the cache. `generate(..., use_cache=False)` is the upstre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
+from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
+from .machine import SMALL_MODEL_PARAMS, decode_threads
 from .models.stage_lm import StageLM
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
@@ -55,15 +57,56 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _guided(logits: torch.Tensor, rows: int, cfg: bool, coef: float) -> torch.Tensor:
-    """Last-step logits [2R or R, K, card] -> guided logits [R, K, card]."""
-    if not cfg:
-        return logits
-    cond, uncond = logits[:rows], logits[rows:]
-    return uncond + coef * (cond - uncond)
+class Sampler:
+    """`sample_next` for one generate call, with its buffers allocated once (same draws).
+
+    A small expert's step is bound by per-op overhead, and the sampler is a tenth of its ops:
+    every product here writes into a buffer made once per call instead of a new tensor.
+    """
+
+    def __init__(self, params: SamplingParams, rows: int, card: int, device, generator: torch.Generator | None):
+        self.params, self.generator = params, generator
+        self.k = params.top_k if params.top_k and params.top_k < card else 0
+        self.drawn = torch.empty(rows, 1, dtype=torch.long, device=device)
+        self.argmax = torch.empty(rows, dtype=torch.long, device=device)
+        self.scaled = torch.empty(rows, card, device=device)
+        self.top_values = torch.empty(rows, max(self.k, 1), device=device)
+        self.top_index = torch.empty(rows, max(self.k, 1), dtype=torch.long, device=device)
+        self.keep = torch.empty(rows, card, dtype=torch.bool, device=device)
+        self.total = torch.empty(rows, 1, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if p.greedy:
+            return torch.argmax(logits, dim=-1, out=self.argmax)
+        if p.top_p:  # rare; the plain path
+            return sample_next(logits, p, self.generator)
+        x = logits if p.temperature == 1.0 else torch.div(logits, p.temperature, out=self.scaled)
+        probs = torch.softmax(x, dim=-1)
+        if self.k:
+            torch.topk(probs, self.k, dim=-1, out=(self.top_values, self.top_index))
+            torch.ge(probs, self.top_values[:, -1:], out=self.keep)  # keep ties with the k-th
+            probs.mul_(self.keep)
+        probs.div_(torch.sum(probs, dim=-1, keepdim=True, out=self.total))
+        return torch.multinomial(probs, 1, generator=self.generator, out=self.drawn).view(-1)
 
 
-@torch.no_grad()
+class Guidance:
+    """CFG on last-step logits [2R, K, card] -> [R, K, card] (float32, into one buffer)."""
+
+    def __init__(self, rows: int, n_q: int, card: int, cfg: bool, coef: float, device) -> None:
+        self.rows, self.cfg, self.coef = rows, cfg, coef
+        self.out = torch.empty(rows, n_q, card, device=device) if cfg else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.cfg:
+            return logits
+        cond, uncond = logits[: self.rows], logits[self.rows :]
+        # uncond + coef * (cond - uncond), the reference's formula and rounding
+        return torch.sub(cond, uncond, out=self.out).mul_(self.coef).add_(uncond)
+
+
+@torch.inference_mode()
 def generate(
     lm: StageLM,
     context: list[torch.Tensor] | torch.Tensor,
@@ -78,6 +121,9 @@ def generate(
     callback: ProgressCallback | None = None,
     use_cache: bool = True,
     return_steps: bool = False,
+    compile: StepMode | Literal["auto"] | bool = False,
+    static_cache: bool | None = None,
+    kv_dtype: torch.dtype | None = None,
 ):
     """Generate `n_frames` target frames for each context: returns codes [B * num_samples, K, n_frames].
 
@@ -86,7 +132,27 @@ def generate(
     unconditional rows always get the null condition. Sample i of context b is row
     b * num_samples + i. With `return_steps`, also returns the guided last-step logits of
     every step ([steps, rows, K, card]) for inspection.
+
+    How steps run (stage_stack.decoding): `compile` False (eager), True (torch.compile, eager
+    with a warning when no compiler works), "cuda-graph", or "auto" (CUDA graphs on a GPU,
+    eager on the CPU). `static_cache` (default: on when compiling) keeps every step's shapes
+    fixed; `kv_dtype` overrides the cache dtype (default: stage_lm.StageLM.new_cache). The
+    thread count is chosen per call (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
     """
+    device = lm.final_norm.weight.device
+    n_params = sum(p.numel() for p in lm.parameters())
+    with decode_threads(n_params, device):
+        mode = resolve_mode(compile, lm)
+        if n_params < SMALL_MODEL_PARAMS and device.type == "cpu":
+            lm.fuse_small_ops()
+        return _generate(lm, context, n_frames, text_memory=text_memory, prompt=prompt, num_samples=num_samples,
+                         params=params, seed=seed, generator=generator, callback=callback, use_cache=use_cache,
+                         return_steps=return_steps, mode=mode,
+                         static=(mode != "eager") if static_cache is None else static_cache, kv_dtype=kv_dtype)
+
+
+def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,
+              use_cache, return_steps, mode, static, kv_dtype):
     layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
@@ -112,33 +178,44 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     seq = batch.codes.clone()
-    S = seq.shape[-1]
+    B, K, S = seq.shape
+    mask = batch.attention_mask
     positions = batch.positions
     total = S - batch.start_offset
-    cache = lm.new_cache(seq.shape[0], S) if use_cache else None
+    cache = lm.new_cache(B, S, static=static, dtype=kv_dtype) if use_cache else None
+    runner = StepRunner(lm, cache, mask, mode) if cache is not None and static else None
+    guidance = Guidance(rows, K, lm.config.card, cfg, params.cfg_coef, device)
+    sampler = Sampler(params, rows * K, lm.config.card, device, generator)
+    # Slots still to be sampled; both CFG halves get the same tokens (each keeps its own context).
+    unfilled = (seq == UNFILLED).view(2 if cfg else 1, rows, K, S)
+    halves = seq.view(2 if cfg else 1, rows, K, S)
     steps_logits = []
 
     def logits_at(offset: int) -> torch.Tensor:
         """Last-step logits predicting step `offset` from seq[..., :offset]."""
         if cache is None:
-            out = lm(seq[..., :offset], batch.attention_mask[:, :offset], memory, memory_mask,
+            out = lm(seq[..., :offset], mask[:, :offset], memory, memory_mask,
                      positions=positions[:, :offset], last_only=True)
+            return out[:, :, -1].float()
+        start = cache.length
+        if runner is not None and offset - start == 1:
+            return runner(seq[..., start:offset], positions[:, start:offset])
+        if static:  # the prefill of a static cache: eager, advanced here
+            out = lm(seq[..., start:offset], mask, memory, memory_mask, cache=cache,
+                     positions=positions[:, start:offset], last_only=True)
+            cache.advance(offset - start)
         else:
-            start = cache.length
-            out = lm(seq[..., start:offset], batch.attention_mask[:, :offset], memory, memory_mask,
-                     cache=cache, positions=positions[:, start:offset], last_only=True)
+            out = lm(seq[..., start:offset], mask[:, :offset], memory, memory_mask, cache=cache,
+                     positions=positions[:, start:offset], last_only=True)
         return out[:, :, -1].float()
 
     for i, offset in enumerate(range(batch.start_offset, S)):
-        guided = _guided(logits_at(offset), rows, cfg, params.cfg_coef)
+        guided = guidance(logits_at(offset))
         if return_steps:
-            steps_logits.append(guided)
-        tokens = sample_next(guided.reshape(-1, guided.shape[-1]), params, generator).view(rows, -1)
-        tokens = torch.where(batch.final_mask[:rows, :, offset], tokens, layout.pad)
-        if cfg:  # same tokens in both halves; each half keeps its own context/SEP slots
-            tokens = torch.cat([tokens, tokens])
-        column = seq[:, :, offset]
-        seq[:, :, offset] = torch.where(column == UNFILLED, tokens, column)
+            steps_logits.append(guided.clone())
+        tokens = sampler(guided.reshape(-1, guided.shape[-1])).view(1, rows, K)
+        column = halves[..., offset]
+        torch.where(unfilled[..., offset], tokens, column, out=column)  # in place, into seq
         if callback is not None:
             callback(i + 1, total)
 

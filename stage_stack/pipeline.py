@@ -25,6 +25,7 @@ from .audio import resample
 from .expert import Expert
 from .generation import SamplingParams, generate, generation_steps
 from .longform import WindowPlan, expert_window_seconds, plan_windows, stitch
+from .machine import decode_threads
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total) over all windows
 
@@ -86,6 +87,23 @@ def _encode(expert: Expert, audio: np.ndarray) -> torch.Tensor:
 
 
 def render_stem(
+    expert: Expert,
+    context_audio: np.ndarray | None,
+    sample_rate: int,
+    duration: float,
+    **kwargs,
+) -> StemResult:
+    """Generate `candidates` stems of `duration` seconds conditioned on `context_audio` (see `_render_stem`).
+
+    Encoding, generation and decoding all run with the thread count stage_stack.machine chooses
+    for this expert (one thread for a small one: more threads on busy cores spin-wait).
+    """
+    size = sum(p.numel() for p in expert.lm.parameters()) + sum(p.numel() for p in expert.codec.parameters())
+    with decode_threads(size, expert.device):
+        return _render_stem(expert, context_audio, sample_rate, duration, **kwargs)
+
+
+def _render_stem(
     expert: Expert,
     context_audio: np.ndarray | None,
     sample_rate: int,

@@ -124,7 +124,7 @@ def test_unavailable_device_and_dtype(expert_path):
         with pytest.raises(DeviceError, match="CUDA is not available"):
             load_expert(expert_path, device="cuda")
     with pytest.raises(DeviceError, match="not supported"):
-        load_expert(expert_path, dtype="int8")
+        load_expert(expert_path, dtype="int3")
     with pytest.raises(DeviceError, match="not a valid torch device"):
         load_expert(expert_path, device="gpu7")
 

@@ -34,6 +34,7 @@ import click
 
 from . import cli
 from ..errors import InputError, StageStackError
+from ..expert import FORMAT_ALIASES, WEIGHT_FORMATS
 from ..mixing import CLICK_MODES
 
 
@@ -138,7 +139,10 @@ def arranger_options(command):
                           "INSTRUMENT=DEVICE,..."),
         click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
                      help="Memory budget per device, e.g. cuda:0=20GiB; least recently used experts are unloaded."),
-        click.option("--dtype", default="float32", show_default=True, help="LM dtype: float32, bfloat16 or float16."),
+        click.option("--dtype", default="fp32", show_default=True,
+                     type=click.Choice(WEIGHT_FORMATS + tuple(FORMAT_ALIASES)),
+                     help="LM weight format: fp32, bf16, fp16, or int8 / int4 (weight-only, quantized at load "
+                          "time, CPU). benchmarks/README.md says which is fastest where."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary."),
     ]
     for option in reversed(options):

@@ -101,40 +101,107 @@ def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated per-layer keys/values, written in place so decoding never re-runs the prefix."""
+    """Preallocated per-layer keys/values, written in place so decoding never re-runs the prefix.
 
-    def __init__(self, config: StageLMConfig, batch: int, max_steps: int, device, dtype) -> None:
+    Two ways to read it:
+    - dynamic (the default): attention reads the `length` steps written so far; shapes grow by
+      one step per call, which eager mode does not mind.
+    - static (`static=True`): every call has the same shapes, as torch.compile without
+      recompiles and CUDA graphs need. A one-step write goes to the slot in the tensor `step`
+      (not a Python int, so nothing is guarded on it), attention reads every slot and the
+      causal mask hides the unwritten ones. The owner advances it (`advance`): the forward
+      pass never reads or writes a Python counter of a static cache.
+    """
+
+    def __init__(self, config: StageLMConfig, batch: int, max_steps: int, device, dtype, static: bool = False) -> None:
         shape = (batch, config.n_heads, max_steps, config.head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        # A static cache's attention reads unwritten slots too (masked, weight 0), and 0 x NaN
+        # garbage would still be NaN: zeros there. A dynamic one reads written slots only.
+        alloc = torch.zeros if static else torch.empty
+        self.keys = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0  # steps already written
+        self.static = static
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # == length, as a tensor (static writes)
+        self.key_steps = torch.arange(max_steps, device=device)
         self.memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # cross-attn k/v
 
     @property
     def max_steps(self) -> int:
         return self.keys[0].shape[2]
 
+    def query_steps(self, S: int) -> torch.Tensor:
+        """Sequence indices [S] of the steps being fed now."""
+        if self.static and S == 1:
+            return self.step
+        return self.key_steps[self.length : self.length + S]
 
-def _attend(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-    """SDPA with a boolean mask; a query with no allowed key gets 0 instead of NaN."""
-    has_key = allowed.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key)
-    return out.masked_fill(~has_key, 0.0) if not bool(has_key.all()) else out
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new steps' keys/values; return the keys/values attention reads."""
+        S = k.shape[2]
+        if self.static and S == 1:
+            self.keys[layer].index_copy_(2, self.step, k.to(self.keys[layer].dtype))
+            self.values[layer].index_copy_(2, self.step, v.to(self.values[layer].dtype))
+        else:
+            self.keys[layer][:, :, self.length : self.length + S] = k
+            self.values[layer][:, :, self.length : self.length + S] = v
+        if self.static:
+            return self.keys[layer], self.values[layer]
+        return self.keys[layer][:, :, : self.length + S], self.values[layer][:, :, : self.length + S]
+
+    def advance(self, S: int) -> None:
+        self.length += S
+        self.step.fill_(self.length)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _sdpa_mask(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SDPA mask, queries without any allowed key): computed once per forward, not per layer."""
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | empty, empty
+
+
+def _attend(q, k, v, mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """SDPA with a boolean mask; a query with no allowed key gets 0 instead of NaN.
+
+    Always masked_fill, never `if empty.any()`: a data-dependent branch would be a device sync
+    in eager mode and a graph break under torch.compile.
+    """
+    allowed, empty = mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).masked_fill(empty, 0.0)
+
+
+_SKINNY_W_XT: bool | None = None
+
+
+def _skinny_w_xt() -> bool:
+    """Whether this machine streams skinny float32 products faster as W @ x^T (stage_stack.machine)."""
+    global _SKINNY_W_XT
+    if _SKINNY_W_XT is None:
+        from ..machine import kernel_choices
+
+        _SKINNY_W_XT = kernel_choices().skinny_fp32_linear == "w_xt"
+    return _SKINNY_W_XT
 
 
 class Linear(nn.Linear):
-    """nn.Linear that multiplies a handful of rows as W @ x^T (same parameters and keys).
+    """nn.Linear that may multiply a handful of rows as W @ x^T (same parameters and keys).
 
     A decoding step feeds one column for 2-4 rows (the CFG halves) and is bound by reading the
     weights. For such skinny float32 inputs MKL streams the weight about twice as fast in this
-    orientation as in F.linear's x @ W^T (benchmarks/README.md). Larger inputs use F.linear.
+    orientation as in F.linear's x @ W^T on some CPUs (an AMD EPYC without AMX) and slower on
+    others (a Xeon with AMX), so the choice is made per machine (stage_stack.machine).
     """
 
     SKINNY_ROWS = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > self.SKINNY_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or self.bias is not None:
+        if (rows > self.SKINNY_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or self.bias is not None
+                or not _skinny_w_xt()):
             return super().forward(x)
         flat = x.reshape(rows, self.in_features).contiguous()
         # contiguous output: a transposed view would send later ops down slower strided paths
@@ -148,16 +215,12 @@ class SelfAttention(nn.Module):
         self.qkv = Linear(config.dim, 3 * config.dim, bias=False)
         self.out = Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x, allowed, layer: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, mask, layer: int, cache: KVCache | None) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = (t.view(B, S, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(D, dim=-1))
         if cache is not None:
-            start = cache.length
-            cache.keys[layer][:, :, start : start + S] = k
-            cache.values[layer][:, :, start : start + S] = v
-            k = cache.keys[layer][:, :, : start + S]
-            v = cache.values[layer][:, :, : start + S]
-        y = _attend(q.to(k.dtype), k, v, allowed).to(x.dtype)  # the cache may be wider than x (see new_cache)
+            k, v = cache.store(layer, k, v)
+        y = _attend(q.to(k.dtype), k, v, mask).to(x.dtype)  # the cache may be wider than x (see new_cache)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -174,10 +237,10 @@ class CrossAttention(nn.Module):
         k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in self.kv(memory).split(D, dim=-1))
         return k, v
 
-    def forward(self, x, memory_kv, allowed) -> torch.Tensor:
+    def forward(self, x, memory_kv, mask) -> torch.Tensor:
         B, S, D = x.shape
         q = self.q(x).view(B, S, self.n_heads, -1).transpose(1, 2)
-        y = _attend(q, *memory_kv, allowed)
+        y = _attend(q, *memory_kv, mask)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -202,12 +265,12 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, self_allowed, query_valid, layer, cache, memory_kv, cross_allowed):
+    def forward(self, x, self_mask, query_valid, layer, cache, memory_kv, cross_mask):
         # Upstream (x-transformers) zeroes attention outputs at masked query steps; valid steps
         # never see them, but doing the same keeps masked-step logits comparable too.
-        x = x + self.self_attn(self.self_norm(x), self_allowed, layer, cache) * query_valid
+        x = x + self.self_attn(self.self_norm(x), self_mask, layer, cache) * query_valid
         if memory_kv is not None:
-            x = x + self.cross_attn(self.cross_norm(x), memory_kv, cross_allowed) * query_valid
+            x = x + self.cross_attn(self.cross_norm(x), memory_kv, cross_mask) * query_valid
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -261,32 +324,40 @@ class StageLM(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, K, S, card] for `codes` [B, K, S].
 
-        attention_mask [B, past + S] marks valid steps (key padding and position origin) for
-        the cached steps and the new ones. With a `cache`, only the new S steps are computed
-        and their keys/values are appended. `positions` [B, S] come from the TokenLayout
-        batch; they default to STAGE's per-sample positions from the mask, which only a
-        `positions="stage"` LM may use. `last_only` computes the heads on the last step only.
+        attention_mask marks valid steps (key padding and position origin): [B, past + S] for
+        the cached steps and the new ones, or [B, cache.max_steps] (the whole call's mask) with
+        a static cache. With a `cache`, only the new S steps are computed and their keys/values
+        are stored; a dynamic cache advances itself, a static one is advanced by its owner.
+        `positions` [B, S] come from the TokenLayout batch; they default to STAGE's per-sample
+        positions from the mask, which only a `positions="stage"` LM without a static cache may
+        use. `last_only` computes the heads on the last step only.
         """
         B, K, S = codes.shape
-        past = cache.length if cache is not None else 0
-        if attention_mask.shape != (B, past + S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + S)}")
+        past = cache.length if cache is not None and not cache.static else 0
+        keys = cache.max_steps if cache is not None and cache.static else past + S
+        if attention_mask.shape != (B, keys):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, keys)}")
         attention_mask = attention_mask.to(torch.bool)
         if positions is None:
+            if cache is not None and cache.static:
+                raise ValueError("a static KV cache needs explicit positions for the new steps")
             if self.config.positions != "stage":
                 raise ValueError(f"this LM uses {self.config.positions!r} positions, which depend on the context "
                                  "length: pass positions= from the TokenLayout batch")
             positions = positions_from_mask(attention_mask)[:, past:]
         dtype = self.final_norm.weight.dtype
 
-        x = sum(self.embeddings[k](codes[:, k]) for k in range(K))
+        x = self.embed(codes)
         x = x + sinusoid(positions, self.config.dim).to(x.dtype)
 
-        causal = torch.ones(S, past + S, dtype=torch.bool, device=codes.device).tril(diagonal=past)
-        self_allowed = (causal[None] & attention_mask[:, None, :])[:, None]  # [B, 1, S, past+S]
-        query_valid = attention_mask[:, past:, None].to(x.dtype)
+        # Causal + key padding, as sequence indices: query step i sees key j <= i that is valid.
+        query_steps = cache.query_steps(S) if cache is not None else torch.arange(S, device=codes.device)
+        key_steps = torch.arange(keys, device=codes.device) if cache is None else cache.key_steps[:keys]
+        causal = key_steps[None, :] <= query_steps[:, None]  # [S, keys]
+        self_mask = _sdpa_mask((causal[None] & attention_mask[:, None, :])[:, None])  # [B, 1, S, keys]
+        query_valid = attention_mask.index_select(1, query_steps)[..., None].to(x.dtype)
 
-        memory_kv = cross_allowed = None
+        memory_kv = cross_mask = None
         if self.config.cross_attention:
             if cache is not None and cache.memory_kv is not None:
                 memory_kv, mem_mask = cache.memory_kv
@@ -294,26 +365,87 @@ class StageLM(nn.Module):
                 memory_kv, mem_mask = self.memory_kv(memory, memory_mask, B, codes.device, dtype)
                 if cache is not None:
                     cache.memory_kv = (memory_kv, mem_mask)
-            cross_allowed = mem_mask[:, None, None, :]
+            cross_mask = _sdpa_mask(mem_mask[:, None, None, :])
 
         for i, block in enumerate(self.blocks):
             kv = memory_kv[i] if memory_kv is not None else None
-            x = block(x, self_allowed, query_valid, i, cache, kv, cross_allowed)
-        if cache is not None:
-            cache.length += S
+            x = block(x, self_mask, query_valid, i, cache, kv, cross_mask)
+        if cache is not None and not cache.static:
+            cache.advance(S)
 
         x = self.final_norm(x)
         if last_only:
             x = x[:, -1:]
-        return torch.stack([head(x) for head in self.heads], dim=1)
+        return self.logits(x)
 
-    def new_cache(self, batch: int, max_steps: int) -> KVCache:
+    # -- embeddings and heads: one op each instead of K -------------------------------------------
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum over codebooks of table_k(codes[:, k]): [B, K, S] -> [B, S, dim]."""
+        fused = self._fused_tables()
+        if fused is None:
+            return sum(self.embeddings[k](codes[:, k]) for k in range(codes.shape[1]))
+        table, offsets = fused  # one gather from the stacked tables, then the sum over K
+        return F.embedding(codes + offsets, table).sum(dim=1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The K heads on the final hidden state: [B, S, dim] -> [B, K, S, card]."""
+        fused = self._fused_heads()
+        if fused is None:
+            return torch.stack([head(x) for head in self.heads], dim=1)
+        B, S, _ = x.shape
+        return F.linear(x, fused).view(B, S, len(self.heads), -1).permute(0, 2, 1, 3)
+
+    def fuse_small_ops(self, enabled: bool = True) -> None:
+        """Stack the K embedding tables and the K heads into one tensor each (a copy of them).
+
+        For a small expert a decode step is bound by per-op overhead (about 900 aten ops for
+        13.6 MFLOP), and 2K of them are these. The copy is refreshed when a weight changes
+        (its version counter) and dropped by `train()`; large models do not need it.
+        """
+        self._fuse = enabled
+        self._fused: dict = {}
+
+    def _fused_tables(self):
+        if not getattr(self, "_fuse", False) or torch.compiler.is_compiling():
+            return None
+        weights = [e.weight for e in self.embeddings]
+        key = tuple((id(w), w._version) for w in weights)
+        if self._fused.get("tables_key") != key:
+            n_q, rows = len(weights), weights[0].shape[0]
+            offsets = torch.arange(n_q, device=weights[0].device)[None, :, None] * rows
+            self._fused.update(tables_key=key, tables=(torch.cat([w.detach() for w in weights]), offsets))
+        return self._fused["tables"]
+
+    def _fused_heads(self):
+        if not getattr(self, "_fuse", False) or torch.compiler.is_compiling():
+            return None
+        weights = [h.weight for h in self.heads]
+        if any(not isinstance(w, torch.Tensor) or not w.is_floating_point() for w in weights):
+            return None
+        key = tuple((id(w), w._version) for w in weights)
+        if self._fused.get("heads_key") != key:
+            self._fused.update(heads_key=key, heads=torch.cat([w.detach() for w in weights]))
+        return self._fused["heads"]
+
+    def train(self, mode: bool = True):
+        if mode and getattr(self, "_fuse", False):
+            self.fuse_small_ops(False)
+        return super().train(mode)
+
+    def new_cache(self, batch: int, max_steps: int, static: bool = False, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for `batch` rows; `dtype` None = the model's, but see below on the CPU."""
         p = self.final_norm.weight
-        # On CPU, keys/values (and so decode attention) stay float32 under a bf16/fp16 model: without
-        # AMX, PyTorch's half-precision attention for one query over ~500-1000 keys is 4-6x slower
-        # than float32 (benchmarks/README.md) and made a bf16 decode step ~1.5x slower.
-        dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-        return KVCache(self.config, batch, max_steps, p.device, dtype)
+        if dtype is None:
+            dtype = p.dtype
+            if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16):
+                # Without AMX, half-precision attention of one query over ~500-1000 keys is 4-6x
+                # slower than float32 (benchmarks/README.md); with AMX it is faster. Probed per
+                # machine (stage_stack.machine).
+                from ..machine import kernel_choices
+
+                if kernel_choices().half_kv_cache == "float32":
+                    dtype = torch.float32
+        return KVCache(self.config, batch, max_steps, p.device, dtype, static=static)
 
     @torch.no_grad()
     def reset_special_rows(self) -> None:

@@ -1,0 +1,248 @@
+"""What this machine is, and the per-machine choices decoding makes from it.
+
+The CPUs this runs on change (an AMD EPYC with AVX512-BF16 but no AMX, an Intel Xeon with
+AMX), and the fastest kernel differs between them (benchmarks/README.md, "CPU kernel notes"):
+so nothing here is fixed once and for all.
+
+- `cpu_info()`: model name, flags that matter (AMX, AVX512-BF16), torch's capability string.
+- `kernel_choices()`: which way a skinny float32 product runs (W @ x^T or F.linear) and in
+  which dtype a half-precision model keeps its KV cache. Chosen from a quick probe (a few
+  milliseconds of matmuls) whose result is cached per CPU model, torch version and thread
+  under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
+  forces a fresh probe or flags only.
+- `decode_threads()`: the thread count for decoding. Two OpenMP threads on two busy cores
+  spin-wait on each other (a step was 4.7x slower than with one thread), and a small expert is
+  bound by per-op overhead that more threads only add to, so the count is chosen at run time
+  from the load average and the model size. `STAGE_STACK_THREADS=N` fixes it; `STAGE_STACK_THREADS=torch`
+  leaves torch's own setting alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+
+# A model below this many parameters is bound by per-op overhead, not by bandwidth: one thread.
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+# -- CPU facts ----------------------------------------------------------------------------------
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    match = re.search(r"^flags\s*:\s*(.*)$", _cpuinfo(), flags=re.MULTILINE)
+    return frozenset(match.group(1).split()) if match else frozenset()
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    match = re.search(r"^model name\s*:\s*(.*)$", _cpuinfo(), flags=re.MULTILINE)
+    return match.group(1).strip() if match else (platform.processor() or "unknown")
+
+
+def cpu_info() -> dict:
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "amx_bf16": "amx_bf16" in flags,
+        "amx_int8": "amx_int8" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+# -- threads ------------------------------------------------------------------------------------
+
+def choose_threads(n_params: int | None = None, load: float | None = None, cores: int | None = None) -> int:
+    """Threads for decoding a model of `n_params` on this machine now (see the module doc)."""
+    cores = cores or os.cpu_count() or 1
+    if n_params is not None and n_params < SMALL_MODEL_PARAMS:
+        return 1
+    load = load_average() if load is None else load
+    free = cores if load is None else cores - load
+    return max(1, min(cores, int(free + 0.5)))
+
+
+def threads_setting() -> int | None:
+    """STAGE_STACK_THREADS as a count; None = choose at run time; 0 = leave torch's setting."""
+    raw = os.environ.get("STAGE_STACK_THREADS", "").strip().lower()
+    if not raw or raw == "auto":
+        return None
+    if raw == "torch":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"STAGE_STACK_THREADS={raw!r}: expected a thread count (1, 2, ...), 'auto' or 'torch'")
+    return value
+
+
+@contextmanager
+def decode_threads(n_params: int | None = None, device: torch.device | str = "cpu") -> Iterator[int]:
+    """Run the block with the decode thread count; torch's previous setting is restored after."""
+    previous = torch.get_num_threads()
+    setting = threads_setting()
+    if torch.device(device).type != "cpu" or setting == 0:
+        yield previous
+        return
+    threads = setting if setting is not None else choose_threads(n_params)
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if threads != previous:
+            torch.set_num_threads(previous)
+
+
+# -- kernel choices -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelChoices:
+    """Per-machine kernel choices for CPU decoding (see the module doc for how they are made)."""
+
+    skinny_fp32_linear: Literal["w_xt", "linear"]  # float32 products of <= 4 rows
+    half_kv_cache: Literal["float32", "model"]  # KV cache dtype under a bf16/fp16 model on the CPU
+    source: str  # "probe", "cache" or "flags"
+    probe_ms: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _time_ms(fn, repeats: int = 8) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def probe_kernels() -> KernelChoices:
+    """Time the alternatives on a decode-shaped product (2 rows, 1024 -> 4096): ~50 ms.
+
+    On one thread (several threads on busy cores time the spin-waits, not the kernels), and an
+    alternative must win by 10 % to replace the default (F.linear; a float32 KV cache), so a
+    noisy probe keeps the default.
+    """
+    import torch.nn.functional as F
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _probe()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe() -> KernelChoices:
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 1024, generator=gen)
+    x = torch.randn(2, 1024, generator=gen)
+    ms = {
+        "fp32_linear": _time_ms(lambda: F.linear(x, w)),
+        "fp32_w_xt": _time_ms(lambda: (w @ x.t()).t().contiguous()),
+    }
+    # Attention of one query over 768 cached keys (16 heads of 64), bf16 against float32.
+    q = torch.randn(2, 16, 1, 64, generator=gen)
+    k = torch.randn(2, 16, 768, 64, generator=gen)
+    ms["attn_fp32"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, k))
+    qb, kb = q.bfloat16(), k.bfloat16()
+    ms["attn_bf16"] = _time_ms(lambda: F.scaled_dot_product_attention(qb, kb, kb))
+    return KernelChoices(
+        skinny_fp32_linear="w_xt" if ms["fp32_w_xt"] < 0.9 * ms["fp32_linear"] else "linear",
+        half_kv_cache="model" if ms["attn_bf16"] < 0.9 * ms["attn_fp32"] else "float32",
+        source="probe", probe_ms=ms)
+
+
+def choices_from_flags() -> KernelChoices:
+    """Without a probe: AMX machines run bf16 attention and F.linear well, others do not."""
+    amx = "amx_bf16" in cpu_flags()
+    return KernelChoices(skinny_fp32_linear="linear" if amx else "w_xt",
+                         half_kv_cache="model" if amx else "float32", source="flags")
+
+
+def _cache_key() -> str:
+    # Not the thread count: the choice is made on one thread, and a key per count made a model's
+    # KV dtype depend on whether it was asked before or inside decode_threads.
+    return f"{cpu_model()}|torch {torch.__version__}"
+
+
+def _cache_file() -> Path:
+    from .paths import home
+
+    return home() / "kernels.json"
+
+
+@lru_cache(maxsize=8)
+def _kernel_choices(key: str, mode: str) -> KernelChoices:
+    if mode == "flags":
+        return choices_from_flags()
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    entry = cached.get(key) if mode != "probe" and isinstance(cached, dict) else None
+    if isinstance(entry, dict):
+        try:
+            return KernelChoices(**{**entry, "source": "cache"})
+        except TypeError:
+            pass  # an older layout: probe again
+    choices = probe_kernels()
+    try:
+        from .atomic import atomic_write_text
+
+        cached = cached if isinstance(cached, dict) else {}
+        cached[key] = choices.to_dict()
+        atomic_write_text(path, json.dumps(cached, indent=2, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only home only costs a probe per process
+    return choices
+
+
+def kernel_choices() -> KernelChoices:
+    mode = os.environ.get("STAGE_STACK_KERNELS", "cached").strip().lower()
+    if mode not in ("cached", "probe", "flags"):
+        raise ValueError(f"STAGE_STACK_KERNELS={mode!r}: expected 'cached' (default), 'probe' or 'flags'")
+    return _kernel_choices(_cache_key(), mode)
+
+
+def runtime_report(n_params: int | None = None) -> dict:
+    """Everything a benchmark JSON records about the machine and the choices made on it."""
+    return {**cpu_info(), "load_average_1min": load_average(), "torch_threads": torch.get_num_threads(),
+            "STAGE_STACK_THREADS": os.environ.get("STAGE_STACK_THREADS"),
+            "chosen_threads": choose_threads(n_params) if threads_setting() is None else threads_setting(),
+            "kernels": kernel_choices().to_dict()}

@@ -1,0 +1,316 @@
+"""Numerical agreement of every decoding path with the float32 eager path (issue 13).
+
+Static vs dynamic KV cache, compiled vs eager, CUDA graphs vs eager (GPU only), bf16 / int8 /
+int4 weights vs fp32, a bf16 KV cache, the preallocated sampler vs `sample_next`, and the
+per-machine choices (threads, kernels). Tiny configs only; nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from stage_stack import decoding, machine
+from stage_stack.errors import DeviceError
+from stage_stack.expert import load_expert, resolve_format, save_expert
+from stage_stack.generation import Sampler, SamplingParams, generate, sample_next
+from stage_stack.layout import TokenLayout
+from stage_stack.models.quant import Int4Linear, Int8Linear, quantize_
+from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights, positions_from_mask
+from stage_stack.testing import TINY_CODEC, expert_metadata, make_tiny_expert, tiny_codec
+
+# Widths divisible by 32 so every block linear has an int4 group size.
+CONFIG = StageLMConfig(dim=64, n_layers=2, n_heads=2, ffn_dim=128, card=32, n_q=2, cross_attention=True, text_dim=16)
+GREEDY = SamplingParams(greedy=True)
+
+
+def sharp_lm(config: StageLMConfig = CONFIG, seed: int = 0) -> StageLM:
+    lm = init_weights(StageLM(config), seed=seed).eval()
+    with torch.no_grad():  # well-separated greedy choices, so rounding does not flip them
+        for head in lm.heads:
+            head.weight.mul_(20)
+    return lm
+
+
+def context(config: StageLMConfig = CONFIG, lengths=(7, 4), seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, config.card, (config.n_q, n), generator=g) for n in lengths]
+
+
+def text(lm: StageLM, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[True, True, False], [False] * 3])
+    return lm.project_text(torch.randn(2, 3, lm.config.text_dim, generator=g), mask), mask
+
+
+# -- static cache, compile, CUDA graphs -------------------------------------------------------
+
+def test_static_cache_equals_dynamic_cache_and_full_recompute():
+    lm = sharp_lm()
+    ctx, mem = context(), text(lm)
+    dynamic, d_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True)
+    static, s_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=True)
+    full, f_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, use_cache=False)
+    assert torch.equal(static, dynamic) and torch.equal(static, full)
+    assert (s_steps - d_steps).abs().max() < 1e-4 and (s_steps - f_steps).abs().max() < 1e-4
+
+
+def test_static_cache_with_aligned_positions_equals_dynamic():
+    from dataclasses import replace
+
+    lm = sharp_lm(replace(CONFIG, positions="aligned"))
+    ctx, mem = context(), text(lm)
+    dynamic = generate(lm, ctx, 9, text_memory=mem, params=GREEDY)
+    static = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, static_cache=True)
+    full = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, use_cache=False)
+    assert torch.equal(static, dynamic) and torch.equal(static, full)
+
+
+def test_static_cache_sampling_draws_the_same_tokens():
+    lm = sharp_lm()
+    a = generate(lm, context(), 9, seed=3, num_samples=2)
+    b = generate(lm, context(), 9, seed=3, num_samples=2, static_cache=True)
+    assert torch.equal(a, b)
+
+
+def test_static_forward_needs_positions_and_the_whole_mask():
+    lm = sharp_lm()
+    cache = lm.new_cache(1, 6, static=True)
+    codes = torch.zeros(1, CONFIG.n_q, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="expected \\(1, 6\\)"):
+        lm(codes, torch.ones(1, 1, dtype=torch.bool), cache=cache, positions=torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="explicit positions"):
+        lm(codes, torch.ones(1, 6, dtype=torch.bool), cache=cache)
+
+
+def test_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken():
+        def run(*args):
+            raise RuntimeError("no working C++ compiler\nmore detail")
+        return run
+
+    monkeypatch.setattr(decoding, "_compiled", broken)
+    monkeypatch.setattr(decoding, "_compile_failed", None)
+    lm = sharp_lm()
+    eager = generate(lm, context(), 6, params=GREEDY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(lm, context(), 6, params=GREEDY, compile=True)
+        generate(lm, context(), 6, params=GREEDY, compile=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no working C++ compiler" in messages[0] and "eager" in messages[0]
+    assert "more detail" not in messages[0]  # one line
+    assert torch.equal(out, eager)
+    assert decoding.compile_failure().startswith("RuntimeError")
+
+
+def test_compile_modes_are_validated():
+    lm = sharp_lm()
+    with pytest.raises(ValueError, match="compile='fast'"):
+        generate(lm, context(), 4, compile="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+            generate(lm, context(), 4, compile="cuda-graph")
+    assert decoding.resolve_mode("auto", lm) == "eager"  # on the CPU
+
+
+def _compiler_works() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _compiler_works(), reason="torch.compile on the CPU needs a C++ compiler (none found)")
+def test_compiled_step_equals_eager_without_recompiles():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    monkey_failed = decoding._compile_failed
+    lm = sharp_lm(StageLMConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, card=16, n_q=2, cross_attention=False))
+    ctx = context(lm.config, (5,))
+    eager, e_steps = generate(lm, ctx, 8, params=GREEDY, return_steps=True)
+    counters.clear()
+    compiled, c_steps = generate(lm, ctx, 8, params=GREEDY, return_steps=True, compile=True)
+    assert decoding.compile_failure() is None or monkey_failed is not None
+    assert torch.equal(compiled, eager)
+    assert (c_steps - e_steps).abs().max() < 1e-4
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for all 10 steps: no recompiles
+    assert not counters["graph_break"]
+    again = generate(lm, ctx, 8, params=GREEDY, compile=True)  # a second call reuses the graph
+    assert torch.equal(again, eager) and counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU; none is visible here")
+def test_cuda_graph_step_equals_eager():
+    lm = sharp_lm().cuda()
+    ctx = [c.cuda() for c in context()]
+    eager, e_steps = generate(lm, ctx, 9, params=GREEDY, return_steps=True)
+    graphed, g_steps = generate(lm, ctx, 9, params=GREEDY, return_steps=True, compile="cuda-graph")
+    assert torch.equal(graphed, eager)
+    assert (g_steps - e_steps).abs().max() < 1e-3
+
+
+# -- weight formats -----------------------------------------------------------------------------
+
+def teacher_forced_logits(lm: StageLM, ref: StageLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of `lm` and `ref` on the same sequence (ref's greedy output): [B, K, S, card] each."""
+    layout = TokenLayout.for_card(CONFIG.card, CONFIG.n_q)
+    out = generate(ref, context(), 10, params=GREEDY)
+    batch = layout.training_batch(context(), out)
+    pos = positions_from_mask(batch.attention_mask)
+    with torch.inference_mode():
+        return (lm(batch.codes, batch.attention_mask, positions=pos).float(),
+                ref(batch.codes, batch.attention_mask, positions=pos).float())
+
+
+@pytest.mark.parametrize("fmt,tol,min_agree", [("bf16", 0.5, 0.95), ("int8", 1.0, 0.95), ("int4", 6.0, 0.7)])
+def test_weight_formats_agree_with_fp32(tmp_path, fmt, tol, min_agree):
+    cfg = StageLMConfig(dim=64, n_layers=2, n_heads=2, ffn_dim=128, card=32, n_q=2, cross_attention=False)
+    path = make_tiny_expert(tmp_path / "e.safetensors", lm_config=cfg)
+    ref = load_expert(path).lm
+    with torch.no_grad():
+        for head in ref.heads:
+            head.weight.mul_(20)
+    lm = load_expert(path, dtype=fmt).lm
+    with torch.no_grad():
+        for head in lm.heads:
+            head.weight.mul_(20)
+    got, want = teacher_forced_logits(lm, ref)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= tol / 100 * scale * 10, (got - want).abs().max()  # tol % of the range x 10
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+    assert agree >= min_agree
+    if fmt != "bf16":
+        kinds = {type(m) for m in lm.modules()}
+        assert (Int8Linear if fmt == "int8" else Int4Linear) in kinds
+        assert lm.heads[0].weight.dtype == torch.bfloat16  # heads and embeddings stay bf16
+
+
+def test_int8_and_int4_dequantize_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g)
+    eye = torch.eye(64)
+    q8 = Int8Linear(64, 48)
+    q8.set_weight(w)
+    deq8 = q8(eye).float().t()  # x = I gives the dequantized weight back
+    step8 = w.abs().amax(1, keepdim=True) / 127
+    assert ((deq8 - w).abs() <= step8 / 2 + 0.01 * w.abs()).all()  # half a step + bf16 rounding
+    q4 = Int4Linear(64, 48)
+    q4.set_weight(w)
+    deq4 = q4(eye).float().t()
+    groups = w.view(48, 64 // q4.group, q4.group)
+    step4 = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(q4.group, dim=1)
+    assert ((deq4 - w).abs() <= step4 / 2 + 0.01 * w.abs() + 1e-2).all()
+    assert (deq4 - w).abs().max() > 1e-3  # it is 4 bits: not the float weight
+
+
+def test_int8_prefill_gemm_equals_the_int8_kernel():
+    g = torch.Generator().manual_seed(1)
+    q8 = Int8Linear(64, 48)
+    q8.set_weight(torch.randn(48, 64, generator=g))
+    x = torch.randn(2 * Int8Linear.GEMM_ROWS, 64, generator=g)
+    many = q8(x).float()  # > GEMM_ROWS rows: dequantized bf16 GEMM
+    few = torch.cat([q8(chunk).float() for chunk in x.split(Int8Linear.GEMM_ROWS // 2)])  # the int8 kernel
+    assert (many - few).abs().max() <= 0.02 * few.abs().max()
+
+
+def test_quantize_in_place_matches_loading_quantized(tmp_path):
+    cfg = StageLMConfig(dim=64, n_layers=1, n_heads=2, ffn_dim=128, card=32, n_q=2, cross_attention=False)
+    path = make_tiny_expert(tmp_path / "e.safetensors", lm_config=cfg)
+    loaded = load_expert(path, dtype="int8").lm
+    quantized = quantize_(load_expert(path).lm, "int8")
+    for (na, a), (nb, b) in zip(loaded.state_dict().items(), quantized.state_dict().items()):
+        assert na == nb and torch.equal(a, b), na
+
+
+def test_format_names_and_errors(tmp_path):
+    assert resolve_format("float32") == "fp32" and resolve_format(torch.bfloat16) == "bf16"
+    with pytest.raises(DeviceError, match="int8"):
+        resolve_format("int2")
+    cfg = StageLMConfig(dim=64, n_layers=1, n_heads=2, ffn_dim=128, card=32, n_q=2, cross_attention=False)
+    path = make_tiny_expert(tmp_path / "e.safetensors", lm_config=cfg)
+    expert = load_expert(path, dtype="int4")
+    with pytest.raises(ValueError, match="save the float LM"):
+        save_expert(tmp_path / "q.safetensors", expert_metadata("drums", cfg, TINY_CODEC), expert.lm, tiny_codec())
+    assert not (tmp_path / "q.safetensors").exists()
+    with pytest.raises(ValueError, match="int4 needs in_features divisible"):
+        Int4Linear(40, 8)
+
+
+def test_arranger_and_cli_take_the_same_formats():
+    from click.testing import CliRunner
+
+    from stage_stack import Arranger
+    from stage_stack.cli import arrange as _registers_arrange  # noqa: F401
+    from stage_stack.cli import cli
+
+    assert Arranger(dtype="bfloat16").dtype == "bf16"
+    with pytest.raises(DeviceError, match="int8"):
+        Arranger(dtype="int3")
+    result = CliRunner().invoke(cli, ["arrange", "--add", "drums", "-o", "x", "--dtype", "int3"])
+    assert result.exit_code != 0 and "int8" in result.output and "int4" in result.output
+
+
+def test_bf16_kv_cache_agrees_with_float32_cache():
+    lm = sharp_lm()
+    f32, f_steps = generate(lm, context(), 9, params=GREEDY, return_steps=True, kv_dtype=torch.float32)
+    b16, b_steps = generate(lm, context(), 9, params=GREEDY, return_steps=True, kv_dtype=torch.bfloat16,
+                            static_cache=True)
+    assert torch.equal(f32, b16)
+    assert (f_steps - b_steps).abs().max() < 0.05 * f_steps.abs().max()
+
+
+# -- sampler and per-machine choices -----------------------------------------------------------
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=3, temperature=0.7),
+                                    SamplingParams(top_k=0), SamplingParams(greedy=True)])
+def test_preallocated_sampler_draws_what_sample_next_draws(params):
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    a_gen, b_gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    sampler = Sampler(params, 6, 40, "cpu", a_gen)
+    for _ in range(5):
+        assert torch.equal(sampler(logits), sample_next(logits, params, b_gen))
+
+
+def test_thread_choice_follows_load_size_and_override(monkeypatch):
+    assert machine.choose_threads(n_params=1_000_000, load=0.0, cores=8) == 1  # overhead-bound: one thread
+    assert machine.choose_threads(n_params=400_000_000, load=0.0, cores=2) == 2
+    assert machine.choose_threads(n_params=400_000_000, load=5.0, cores=2) == 1  # busy cores: no spin-wait
+    assert machine.choose_threads(n_params=400_000_000, load=1.2, cores=4) == 3
+    before = torch.get_num_threads()
+    monkeypatch.setenv("STAGE_STACK_THREADS", "3")
+    with machine.decode_threads(10) as n:
+        assert n == 3 and torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("STAGE_STACK_THREADS", "torch")
+    with machine.decode_threads(10) as n:
+        assert n == before
+    monkeypatch.setenv("STAGE_STACK_THREADS", "many")
+    with pytest.raises(ValueError, match="STAGE_STACK_THREADS='many'"):
+        machine.threads_setting()
+
+
+def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAGE_STACK_HOME", str(tmp_path))
+    monkeypatch.delenv("STAGE_STACK_KERNELS", raising=False)
+    machine._kernel_choices.cache_clear()
+    first = machine.kernel_choices()
+    assert first.source == "probe" and set(first.probe_ms) >= {"fp32_linear", "fp32_w_xt", "attn_fp32", "attn_bf16"}
+    stored = json.loads((tmp_path / "kernels.json").read_text())
+    assert machine.cpu_model() in next(iter(stored))
+    machine._kernel_choices.cache_clear()
+    again = machine.kernel_choices()
+    assert again.source == "cache" and again.skinny_fp32_linear == first.skinny_fp32_linear
+    monkeypatch.setenv("STAGE_STACK_KERNELS", "flags")
+    assert machine.kernel_choices().source == "flags"
+    report = machine.runtime_report(10)
+    assert {"cpu", "amx_bf16", "avx512_bf16", "torch_cpu_capability", "chosen_threads", "kernels"} <= set(report)
+    machine._kernel_choices.cache_clear()
