@@ -322,7 +322,7 @@ def test_eval_command_prints_the_table_and_writes_json(tiny_experts, tmp_path):
                                       "--trim", "1", "--json", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "| bass | drums+keys+lead | 1 | rhythmic F1 |" in result.output
-    assert "bass, chord-tone share" in result.output and "not run" in result.output
+    assert "bass in context, chord-tone share" in result.output and "not run" in result.output
     data = json.loads(out.read_text())
     assert data["settings"]["n_tempos"] == 1 and data["summary"][0]["name"] == "bass"
     assert not out.with_name("quality.json.partial").exists()
