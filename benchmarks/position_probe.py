@@ -8,7 +8,10 @@ recipe: AdamW, lr 1e-3, bf16-free) learn it with "stage" and "aligned" positions
 each, on one thread; the table gives the steps until the held-out loss falls below a threshold.
 
     python benchmarks/position_probe.py                 # dim 64, 2 layers, card 64, 32+32 frames
-    python benchmarks/position_probe.py --steps 600 --seeds 1
+    python benchmarks/position_probe.py --steps 2000 --seeds 3 --card 16 --lr 3e-3
+
+Result on 2026-12-02 (AMD EPYC, the second command): stage 850 / 900 / 750 steps, aligned
+1300 / 1050 / 1050: aligned positions do not make this easier (benchmarks/README.md).
 """
 
 from __future__ import annotations
