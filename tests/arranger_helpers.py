@@ -6,8 +6,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from stage_stack import arranger as arranger_module
+from stage_stack.cli import arrange as _arrange_commands  # noqa: F401  (registers the commands on `cli`)
+from stage_stack.cli import cli
+from stage_stack.cli import registry as _registry_commands  # noqa: F401
 from stage_stack.testing import TINY_CODEC, make_tiny_expert
 
 # The tiny codec at 25 frames/s (hop 640) and 1 s windows keep every test to a few hundred steps.
@@ -46,3 +50,16 @@ def heard(monkeypatch):
 
     monkeypatch.setattr(arranger_module, "render_stem", spy)
     return calls
+
+
+def run(*args, ok: bool = True):
+    """`stage-stack ARGS...` in-process; with `ok`, fail the test unless it exits 0."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def experts(band, *names):
+    """`--expert NAME=FILE` flags for these instruments of a `band`."""
+    return [arg for name in names for arg in ("--expert", f"{name}={band[name]}")]

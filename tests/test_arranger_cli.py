@@ -7,26 +7,11 @@ import json
 import numpy as np
 import soundfile as sf
 import yaml
-from click.testing import CliRunner
 
-from arranger_helpers import band  # noqa: F401  (fixtures)
+from arranger_helpers import band, experts, run  # noqa: F401  (band: a fixture)
 from plugin_helpers import isolated  # noqa: F401  (a private STAGE_STACK_HOME, no user registry)
 from stage_stack import Arranger
-from stage_stack.cli import cli
-from stage_stack.cli import arrange as _arrange_commands  # noqa: F401  (registers the commands)
-from stage_stack.cli import registry as _registry_commands  # noqa: F401
 from stage_stack.expert import sha256_file
-
-
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def experts(band, *names):
-    return [arg for name in names for arg in ("--expert", f"{name}={band[name]}")]
 
 
 def read(path):

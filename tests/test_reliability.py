@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from arranger_helpers import SR, band  # noqa: F401  (fixtures)
+from arranger_helpers import SR, band, experts, run  # noqa: F401  (band: a fixture)
 from plugin_helpers import isolated  # noqa: F401  (a private STAGE_STACK_HOME, no user registry)
 from stage_stack import Arranger, Layer, Song
 from stage_stack import history as song_history
@@ -55,17 +55,6 @@ def case(handled: bool) -> bool:
     FIGURES["cases tried"] += 1
     FIGURES["cases handled"] += bool(handled)
     return handled
-
-
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def experts(band, *names):
-    return [arg for name in names for arg in ("--expert", f"{name}={band[name]}")]
 
 
 def song_with(band, out, layers=("drums", "bass"), **kwargs) -> Song:
