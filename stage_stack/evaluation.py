@@ -333,6 +333,7 @@ class EvalSettings:
 
 
 SOURCES = ("generated", "real", "real_coded")
+METRICS = ("f1", "chord_tone_share", "tempo_match")  # the StemScore fields averaged per task
 
 
 @dataclass
@@ -362,7 +363,7 @@ class TaskResult:
         return float(np.mean(values)) if values else None
 
     def summary(self) -> dict:
-        means = {source: {metric: self.mean(metric, source) for metric in ("f1", "chord_tone_share", "tempo_match")}
+        means = {source: {metric: self.mean(metric, source) for metric in METRICS}
                  for source in SOURCES}
         return {"name": self.name, "instrument": self.instrument, "expert": self.expert, "context": self.context,
                 "metric": self.metric, "songs": len(self.songs), "mean": means,
@@ -447,7 +448,7 @@ class EvalReport:
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in self.tasks:
             cells = [" | ".join(cell(t.mean(metric, source)) for source in SOURCES)
-                     for metric in ("f1", "chord_tone_share", "tempo_match")]
+                     for metric in METRICS]
             lines.append(f"| {t.name} | {t.context} | {len(t.songs)} | {t.metric} | {' | '.join(cells)} |")
         lines.append("")
         for target in self.targets:
