@@ -177,9 +177,11 @@ class EMAQuantizer:
             cb.inited.fill_(1)
             residual = residual - centres[nearest_code(residual, centres)]
 
-    def __call__(self, latent: torch.Tensor, update: bool, generator: torch.Generator | None = None):
+    def __call__(self, latent: torch.Tensor, update: bool, generator: torch.Generator | None = None,
+                 first_stage: bool = False):
         """latent [B, D, F] -> (quantized [B, D, F] with a straight-through gradient,
-        codes [B, n_q, F], commitment loss averaged over stages)."""
+        codes [B, n_q, F], commitment loss averaged over stages), plus the first stage's quantized
+        vector [B, D, F] (also straight-through) when `first_stage`."""
         B, D, n_frames = latent.shape
         x = latent.transpose(1, 2).reshape(-1, D)
         residual, total, commitment, codes = x, torch.zeros_like(x), x.new_zeros(()), []
@@ -189,12 +191,15 @@ class EMAQuantizer:
             commitment = commitment + F.mse_loss(residual, code)
             if update:
                 self._ema_update(cb, residual.detach(), idx, generator)
+            if not codes:
+                first = x + (code - x).detach()
             total = total + code
             residual = residual - code
             codes.append(idx.view(B, n_frames))
         quantized = x + (total - x).detach()
-        return (quantized.view(B, n_frames, D).transpose(1, 2), torch.stack(codes, dim=1),
-                commitment / len(self.codebooks))
+        out = (quantized.view(B, n_frames, D).transpose(1, 2), torch.stack(codes, dim=1),
+               commitment / len(self.codebooks))
+        return out + (first.view(B, n_frames, D).transpose(1, 2),) if first_stage else out
 
     @torch.no_grad()
     def _ema_update(self, cb, vectors: torch.Tensor, idx: torch.Tensor, generator) -> None:
@@ -447,6 +452,15 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
     for name, p in codec.model.named_parameters():  # (the codebooks are buffers: EMA, not gradients)
         p.requires_grad_(name.startswith(trained))
     params = [p for p in codec.model.parameters() if p.requires_grad]
+    # The feature head is a training aid (codec_features.py says why); it is not in the codec file.
+    taught = config.train_encoder and (config.loss.onset > 0 or config.loss.chroma > 0)
+    head = features = None
+    if taught:
+        from .codec_features import FeatureHead, FrameFeatures, feature_losses
+
+        head = FeatureHead(codec_cfg.dimension).to(device)
+        features = FrameFeatures(codec_cfg.sample_rate, codec_cfg.hop_length).to(device)
+        params += list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.max_steps))
@@ -465,6 +479,8 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
         state = load_checkpoint(found, device)
         check_resume_compatible(state["config"], config, CODEC_RESUME_KEYS, run_dir)
         codec.model.load_state_dict(state["model"])
+        if head is not None:
+            head.load_state_dict(state["feature_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -486,7 +502,8 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
         save_checkpoint(run_dir, step, {
             "model": accelerator.unwrap_model(codec.model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step, "history": history,
-            "config": config.model_dump(mode="json")}, config.keep_checkpoints)
+            "config": config.model_dump(mode="json"),
+            **({"feature_head": head.state_dict()} if head is not None else {})}, config.keep_checkpoints)
 
     if not quantizer.initialised:
         gen = torch.Generator().manual_seed(config.seed)
@@ -508,12 +525,15 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
                 with accelerator.autocast(), torch.set_grad_enabled(config.train_encoder):
                     latent = codec.model.encoder(x)
-                quantized, _, commitment = quantizer(latent.float(), update=config.train_encoder, generator=gen)
+                quantized, _, commitment, *first = quantizer(latent.float(), update=config.train_encoder,
+                                                             generator=gen, first_stage=taught)
                 with accelerator.autocast():
                     y = codec.model.decoder(quantized)[..., : x.shape[-1]]
                 y, x2 = y.float()[:, 0], x[:, 0]
                 parts = {"l1": (y - x2).abs().mean(), "stft": spectral.stft(y, x2), "mel": spectral.mel(y, x2),
                          "commitment": commitment}
+                if taught:
+                    parts.update(feature_losses(head, features, first[0], x2))
                 loss = sum(getattr(config.loss, k) * v for k, v in parts.items())
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)

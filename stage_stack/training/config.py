@@ -262,6 +262,9 @@ class CodecLossConfig(_Section):
     stft: float = Field(1.0, ge=0)  # multi-resolution STFT (spectral convergence + log magnitude)
     mel: float = Field(1.0, ge=0)  # multi-scale log-mel L1
     commitment: float = Field(1.0, ge=0)
+    # Teach the first codebook onsets and pitch class (training/codec_features.py); 0 = off.
+    onset: float = Field(0.0, ge=0)
+    chroma: float = Field(0.0, ge=0)
     stft_sizes: list[int] = [128, 256, 512, 1024]
     mel_sizes: list[int] = [512, 1024, 2048]
     n_mels: int = Field(64, gt=0)

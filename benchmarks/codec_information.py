@@ -1,0 +1,199 @@
+"""What a codec's tokens say about beats and pitch (issue 12, item 1).
+
+An expert can only follow what its codec's tokens carry. For each codec file (or expert file that
+embeds one) this measures, on held-out synthetic songs (the quality benchmark's songs, tempos
+80-160 BPM):
+
+  beats   information in each codebook's token about "a beat falls in this frame",
+          for a click track, the drums stem and the full mix
+  pitch   information about the pitch class sounding in the frame: the bass note in the bass
+          stem, the chord root in the keys stem and in what the bass hears (drums+keys+lead)
+  SI-SNR  per stem and for the mix and a click (`codec_train.evaluate_codec`)
+  ceilings the quality benchmark's "real, coded" cells: beat F1 of the real drums through the
+          codec against the click's beats, chord-tone share of the real keys through the codec
+
+Information is *held-out predictive* information, in nats: p(label | token) is counted on the
+even songs (add-1/2 smoothing) and scored on the odd ones, I = H(label) - cross-entropy. Unlike
+the plug-in estimate it has no positive bias (256 codes x 13 labels over a few thousand frames
+would add ~0.3 nats of noise), and it is what a model could use: a lower bound on the true
+mutual information. `share` divides by H(label), the most there is to know.
+
+    python benchmarks/codec_information.py runs/demo/codec-old/demo-codec-16k.safetensors new.safetensors
+    python benchmarks/codec_information.py instruments/weights/drums.safetensors --songs 8 --seconds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import format_table, machine_info, write_json  # noqa: E402
+
+from stage_stack.evaluation import (click_context, held_out_songs, stem_beat_f1,  # noqa: E402
+                                    stem_chord_tones)
+from stage_stack.training.codec_train import eval_clips, evaluate_codec, load_codec_file  # noqa: E402
+from stage_stack.training.synth import STEMS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "codec_information.json"
+NO_NOTE = 12  # the pitch label of a frame where nothing sounds
+
+
+def entropy(counts: np.ndarray) -> float:
+    p = counts / counts.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def predictive_information(train_tokens: np.ndarray, train_labels: np.ndarray, test_tokens: np.ndarray,
+                           test_labels: np.ndarray, card: int, n_labels: int, alpha: float = 0.5) -> dict:
+    """Held-out information (nats) of a token about a label; see the module docstring."""
+    prior = np.bincount(train_labels, minlength=n_labels) + alpha
+    prior = prior / prior.sum()
+    joint = np.zeros((card, n_labels))
+    np.add.at(joint, (train_tokens, train_labels), 1.0)
+    conditional = (joint + alpha * prior * n_labels) / (joint.sum(1, keepdims=True) + alpha * n_labels)
+    h_label = float(-np.log(prior[test_labels]).mean())
+    cross_entropy = float(-np.log(conditional[test_tokens, test_labels]).mean())
+    most = entropy(np.bincount(test_labels, minlength=n_labels).astype(float))
+    return {"nats": round(h_label - cross_entropy, 4), "label_entropy": round(most, 4),
+            "share": round((h_label - cross_entropy) / most, 4) if most > 0 else None}
+
+
+def beat_labels(beats, n_frames: int, frame_rate: float) -> np.ndarray:
+    labels = np.zeros(n_frames, dtype=np.int64)
+    frames = np.floor(np.asarray(beats) * frame_rate).astype(int)
+    labels[frames[(frames >= 0) & (frames < n_frames)]] = 1
+    return labels
+
+
+def note_labels(notes, n_frames: int, frame_rate: float) -> np.ndarray:
+    """Pitch class of the lowest note sounding at each frame's centre, NO_NOTE where none does."""
+    labels = np.full(n_frames, NO_NOTE, dtype=np.int64)
+    lowest = np.full(n_frames, 1000)
+    centres = (np.arange(n_frames) + 0.5) / frame_rate
+    for note in notes:
+        on = (centres >= note.start) & (centres < note.end) & (note.pitch < lowest)
+        labels[on], lowest[on] = note.pitch % 12, note.pitch
+    return labels
+
+
+def chord_labels(chords, n_frames: int, frame_rate: float) -> np.ndarray:
+    labels = np.full(n_frames, NO_NOTE, dtype=np.int64)
+    centres = (np.arange(n_frames) + 0.5) / frame_rate
+    for chord in chords:
+        labels[(centres >= chord.start) & (centres < chord.end)] = chord.root
+    return labels
+
+
+# (name, the audio the codec encodes, the frame labels, number of labels)
+def probes(song, frame_rate: float, n_frames: int) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    md = song.metadata
+    beats = beat_labels(md.beats, n_frames, frame_rate)
+    root = chord_labels(md.chords, n_frames, frame_rate)
+    heard_by_bass = np.sum([song.stems[s] for s in STEMS if s != "bass"], axis=0)
+    return [
+        ("beats | click", click_context(song), beats, 2),
+        ("beats | drums", song.stems["drums"], beats, 2),
+        ("beats | mix", song.mix(), beats, 2),
+        ("pitch | bass (note)", song.stems["bass"], note_labels(song.notes_of("bass"), n_frames, frame_rate), 13),
+        ("pitch | keys (chord root)", song.stems["keys"], root, 13),
+        ("pitch | drums+keys+lead (chord root)", heard_by_bass, root, 13),
+    ]
+
+
+@torch.no_grad()
+def measure(path: Path, n_songs: int, seconds: float, ceilings: bool) -> dict:
+    codec, _ = load_codec_file(path)
+    cfg = codec.config
+    songs = held_out_songs(n_songs, seconds, cfg.sample_rate)
+    tokens: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    n_labels: dict[str, int] = {}
+    drums_f1, keys_ct, keys_notes = [], 0, 0
+    for song in songs:
+        n_frames = None
+        for name, audio, labels, k in probes(song, cfg.frame_rate, int(np.ceil(seconds * cfg.frame_rate))):
+            wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None]
+            codes = codec.encode(wave)[0].numpy()  # [n_q, frames]
+            n_frames = min(codes.shape[1], labels.size)
+            tokens.setdefault(name, []).append((codes[:, :n_frames], labels[:n_frames]))
+            n_labels[name] = k
+        if ceilings:
+            for stem in ("drums", "keys"):
+                wave = torch.from_numpy(song.stems[stem])[None, None]
+                coded = codec.decode(codec.encode(wave))[0, 0, : wave.shape[-1]].numpy()
+                if stem == "drums":
+                    drums_f1.append(stem_beat_f1(coded, cfg.sample_rate, song.metadata.beats))
+                else:
+                    count = stem_chord_tones(coded, cfg.sample_rate, song.metadata.chords, "keys")
+                    keys_ct, keys_notes = keys_ct + count.chord_tones, keys_notes + count.notes
+    information = {}
+    for name, pairs in tokens.items():
+        train, test = pairs[0::2], pairs[1::2]
+        per_codebook = []
+        for q in range(cfg.n_q):
+            per_codebook.append(predictive_information(
+                np.concatenate([c[q] for c, _ in train]), np.concatenate([l for _, l in train]),
+                np.concatenate([c[q] for c, _ in test]), np.concatenate([l for _, l in test]),
+                cfg.card, n_labels[name]))
+        information[name] = per_codebook
+    valid = [song for song in held_out_songs(2, 8.0, cfg.sample_rate, seed_base=20_000)]
+    from stage_stack.training.codec_train import SongAudio
+
+    snr = evaluate_codec(codec, eval_clips([SongAudio(str(i), s.stems) for i, s in enumerate(valid)],
+                                           cfg.sample_rate, 8.0))
+    result = {"codec": str(path), "config": cfg.to_dict(), "frame_rate": cfg.frame_rate,
+              "information": information, "round_trip": snr}
+    if ceilings:
+        result["ceilings"] = {"drums_from_click_beat_f1": round(float(np.mean(drums_f1)), 4),
+                              "keys_chord_tone_share": round(keys_ct / keys_notes, 4) if keys_notes else None}
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("codecs", type=Path, nargs="+", help="codec files, or expert files that embed one")
+    parser.add_argument("--songs", type=int, default=20, help="held-out songs (even ones count, odd ones score)")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--no-ceilings", action="store_true", help="skip the coded-stem quality ceilings")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    results = [measure(p, args.songs, args.seconds, not args.no_ceilings) for p in args.codecs]
+    rows = []
+    for r in results:
+        for name, per_q in r["information"].items():
+            rows.append({"codec": Path(r["codec"]).parent.name + "/" + Path(r["codec"]).name, "probe": name,
+                         "H": per_q[0]["label_entropy"],
+                         **{f"q{q}": c["nats"] for q, c in enumerate(per_q)},
+                         "q0 share": per_q[0]["share"]})
+    print("Held-out information of each codebook's token (nats):")
+    print(format_table(rows, [("codec", "codec"), ("probe", "probe"), ("H", "H(label)"), ("q0", "q0"),
+                              ("q1", "q1"), ("q2", "q2"), ("q3", "q3"), ("q0 share", "q0 / H")]))
+    rows = []
+    for r in results:
+        row = {"codec": Path(r["codec"]).parent.name + "/" + Path(r["codec"]).name}
+        row.update({k: v["si_snr_db"] for k, v in r["round_trip"].items()})
+        row.update(r.get("ceilings", {}))
+        rows.append(row)
+    kinds = list(results[0]["round_trip"])
+    print("\nRound trip SI-SNR (dB) and coded-stem ceilings (quality.py's 'real, coded'):")
+    print(format_table(rows, [("codec", "codec")] + [(k, k) for k in kinds]
+                       + [("drums_from_click_beat_f1", "coded drums beat F1"),
+                          ("keys_chord_tone_share", "coded keys chord tones")]))
+    path = write_json(args.output, {"machine": machine_info(), "songs": args.songs, "seconds": args.seconds,
+                                    "wall_seconds": round(time.time() - started, 1), "codecs": results})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
