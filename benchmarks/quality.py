@@ -55,6 +55,8 @@ def _experts(args: argparse.Namespace, scratch: Path) -> tuple[list[Path], Path 
         return experts, make_tiny_expert(scratch / "drums-noclick.safetensors", instrument="drums", seed=9)
     experts = []
     for name in ("drums", "bass", "keys"):
+        if args.only and name not in args.only:
+            continue
         path = getattr(args, name)
         if path is None:  # the bundled expert, when it exists
             path = WEIGHTS_DIR / f"{name}.safetensors"
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-drums", type=Path, default=None,
                         help="drums expert trained without click pairs (default: the one "
                              "configs/demo-drums-noclick.yaml exports, when it exists; else skipped)")
+    parser.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
+                        help="evaluate only these instruments, e.g. drums or drums,bass (default: all three)")
     parser.add_argument("--no-drums-in-context", action="store_true", help="score drums from a click only")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['tempos']} songs of {QUICK['duration']:g} s")
     parser.add_argument("--tiny", action="store_true", help="random tiny experts: checks the script, scores are noise")
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON path (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
 
+    unknown = sorted(set(args.only or ()) - {"drums", "bass", "keys"})
+    if unknown:
+        parser.error(f"--only: unknown instrument(s) {', '.join(unknown)}; expected drums, bass or keys")
     torch.set_num_threads(args.threads)
     settings = EvalSettings(
         n_tempos=args.tempos or (QUICK["tempos"] if args.quick else 20),

@@ -194,6 +194,37 @@ def choices_from_flags() -> KernelChoices:
                          half_kv_cache="model" if amx else "float32", source="flags")
 
 
+@lru_cache(maxsize=8)
+def bf16_training_ratio(width: int = 256, rows: int = 1024) -> float:
+    """Time of a bf16-autocast forward+backward of a width -> 4 x width linear layer over `rows`
+    rows, divided by the float32 time (one thread, best of 3; ~0.1-1 s, once per process).
+
+    Why: on a 2-core AMD EPYC with AVX512-BF16 and no AMX (torch 2.13), bf16 autocast made a
+    demo-expert training step 13x slower than float32 (10.4 vs 0.77 CPU-s; the linear layer
+    alone: forward 5x, forward+backward 18x), while on Intel AMX machines it is the faster one.
+    Decode-shaped products (2 rows) behave differently again (`probe_kernels`).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        layer = torch.nn.Linear(width, 4 * width)
+        x = torch.randn(rows, width, generator=generator, requires_grad=True)
+
+        def step(enabled: bool):
+            def run() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                    y = layer(x)
+                y.float().sum().backward()
+            return run
+
+        fp32 = _time_ms(step(False), repeats=3)
+        bf16 = _time_ms(step(True), repeats=3)
+        return bf16 / fp32
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _cache_key() -> str:
     # Not the thread count: the choice is made on one thread, and a key per count made a model's
     # KV dtype depend on whether it was asked before or inside decode_threads.

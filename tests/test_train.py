@@ -479,3 +479,31 @@ def test_bundled_drums_follow_a_click_at_120_bpm(tmp_path, monkeypatch):
     beats = estimate_beats(drums, song.sample_rate)
     assert 60.0 / np.median(np.diff(beats)) == pytest.approx(120.0, abs=4.0)
     assert stem_beat_f1(drums, song.sample_rate, np.arange(0.0, 15.0, 0.5)) >= 0.6
+
+
+@pytest.mark.parametrize("asked, ratio, chosen, warns", [
+    ("bf16", 13.0, "bf16", True),   # asked for: kept, with a warning that names the fix
+    ("bf16", 0.6, "bf16", False),
+    ("auto", 13.0, "no", False),    # auto: float32 where bf16 loses
+    ("auto", 0.6, "bf16", False),
+    ("no", 13.0, "no", False),
+])
+def test_training_precision_follows_the_cpu_probe(shared, tmp_path, monkeypatch, caplog, asked, ratio, chosen, warns):
+    import stage_stack.machine as machine
+    from stage_stack.training.train import training_precision
+
+    widths = []
+    monkeypatch.setattr(machine, "bf16_training_ratio", lambda width: widths.append(width) or ratio)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = make_config(shared, tmp_path / "run", mixed_precision=asked)
+    with caplog.at_level("WARNING", logger="stage_stack.training.train"):
+        assert training_precision(config) == chosen
+    assert ("13.0x slower than float32" in caplog.text and "mixed_precision: auto" in caplog.text) == warns
+    assert widths == ([] if asked == "no" else [32])  # probed at the model's width
+
+
+def test_bf16_training_ratio_is_a_positive_ratio():
+    from stage_stack.machine import bf16_training_ratio
+
+    ratio = bf16_training_ratio(32, rows=64)
+    assert 0 < ratio < 1000 and bf16_training_ratio(32, rows=64) == ratio  # cached per process

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import TrainingConfigError
 from ..models.codec import CodecConfig
 
-Precision = Literal["no", "fp16", "bf16"]
+Precision = Literal["no", "fp16", "bf16", "auto"]
 
 
 class _Section(BaseModel):
@@ -219,6 +219,8 @@ class TrainConfig(_Section):
     export: ExportConfig
     batch_size: int = Field(8, gt=0)  # per process and micro-step
     grad_accum: int = Field(1, gt=0)
+    # "auto": bf16 on a GPU that has it; on the CPU bf16 only where a probe finds it faster than
+    # float32 (`machine.bf16_training_ratio`: on some CPUs it is 13x slower).
     mixed_precision: Precision = "no"
     cpu: bool = False  # force the CPU even when a GPU is present
     checkpoint_every: int = Field(200, gt=0)

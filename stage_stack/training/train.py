@@ -434,6 +434,31 @@ class TrainResult:
     metrics: dict
 
 
+def training_precision(config: TrainConfig) -> str:
+    """The `mixed_precision` Accelerate gets: "auto" resolved, and a warning when bf16 was asked
+    for on a CPU where it is slower than float32 (`machine.bf16_training_ratio`)."""
+    from ..machine import bf16_training_ratio, cpu_model
+
+    asked = config.mixed_precision
+    on_gpu = torch.cuda.is_available() and not config.cpu
+    if on_gpu:
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if asked == "auto" else asked
+    if asked not in ("bf16", "auto"):
+        return asked
+    width = config.base.fresh.dim if config.base.fresh is not None else 1024
+    ratio = bf16_training_ratio(width)
+    if asked == "auto":
+        chosen = "bf16" if ratio < 0.9 else "no"
+        log.info("mixed_precision auto: %s (bf16 / float32 time of a training-shaped product on %s: %.2f)",
+                 chosen, cpu_model(), ratio)
+        return chosen
+    if ratio > 1.2:
+        log.warning("mixed_precision: bf16 is %.1fx slower than float32 on this CPU (%s; a linear layer's forward "
+                    "and backward at width %d). Set mixed_precision: auto (or 'no') in the training config.",
+                    ratio, cpu_model(), width)
+    return asked
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None,
           callback: StepCallback | None = None, export: bool = True, command: str | None = None) -> TrainResult:
     """Train (or continue) the expert described by `config`; export it when max_steps is reached.
@@ -450,7 +475,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         torch.set_num_threads(config.torch_threads)
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingConfigError("mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=training_precision(config))
     run_dir = Path(config.run_dir)
     found = latest_checkpoint(run_dir)
     if found is not None and not resume:
