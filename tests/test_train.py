@@ -465,7 +465,7 @@ def test_bundled_demo_experts():
 def test_bundled_drums_follow_a_click_at_120_bpm(tmp_path, monkeypatch):
     """Issue 4's last "done when", on the shipped weights: drums from nothing but a click.
 
-    Before the drums' second stage (configs/demo-drums-align.yaml) this scored 0.34 (chance) at
+    Before the drums' second stage (configs/history/demo-drums-align.yaml) this scored 0.34 (chance) at
     ~134 BPM; the shipped expert scores 0.65 and is tracked at 121 BPM (README, quality section).
     """
     from stage_stack import Arranger

@@ -191,7 +191,7 @@ class DropoutConfig(_Section):
     text: float = Field(0.5, ge=0, le=1)  # description -> null condition
     words: float = Field(0.3, ge=0, le=1)  # each word of a kept description
     # Whole target row -> PAD in the LM's input (its labels are kept): those rows must be
-    # predicted from the context alone. Not in STAGE's recipe; see configs/demo-drums-align.yaml.
+    # predicted from the context alone. Not in STAGE's recipe; see configs/history/demo-drums-align.yaml.
     history: float = Field(0.0, ge=0, le=1)
     # Whole context row -> the target's own first frames (an aligned copy, at most the target's
     # length). Not in STAGE's recipe.
