@@ -37,7 +37,7 @@ from _common import format_table, machine_info, write_json  # noqa: E402
 
 from stage_stack.evaluation import (click_context, held_out_songs, stem_beat_f1,  # noqa: E402
                                     stem_chord_tones)
-from stage_stack.training.codec_train import eval_clips, evaluate_codec, load_codec_file  # noqa: E402
+from stage_stack.training.codec_train import SongAudio, eval_clips, evaluate_codec, load_codec_file  # noqa: E402
 from stage_stack.training.synth import STEMS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,22 +117,21 @@ def measure(path: Path, n_songs: int, seconds: float, ceilings: bool) -> dict:
     n_labels: dict[str, int] = {}
     drums_f1, keys_ct, keys_notes = [], 0, 0
     for song in songs:
-        n_frames = None
+        full_codes = {}
         for name, audio, labels, k in probes(song, cfg.frame_rate, int(np.ceil(seconds * cfg.frame_rate))):
             wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None]
-            codes = codec.encode(wave)[0].numpy()  # [n_q, frames]
+            full_codes[name] = codec.encode(wave)  # [1, n_q, frames]
+            codes = full_codes[name][0].numpy()
             n_frames = min(codes.shape[1], labels.size)
             tokens.setdefault(name, []).append((codes[:, :n_frames], labels[:n_frames]))
             n_labels[name] = k
-        if ceilings:
-            for stem in ("drums", "keys"):
-                wave = torch.from_numpy(song.stems[stem])[None, None]
-                coded = codec.decode(codec.encode(wave))[0, 0, : wave.shape[-1]].numpy()
-                if stem == "drums":
-                    drums_f1.append(stem_beat_f1(coded, cfg.sample_rate, song.metadata.beats))
-                else:
-                    count = stem_chord_tones(coded, cfg.sample_rate, song.metadata.chords, "keys")
-                    keys_ct, keys_notes = keys_ct + count.chord_tones, keys_notes + count.notes
+        if ceilings:  # the real drums and keys through the codec, from the codes the probes made
+            n = song.stems["drums"].size
+            drums = codec.decode(full_codes["beats | drums"])[0, 0, :n].numpy()
+            drums_f1.append(stem_beat_f1(drums, cfg.sample_rate, song.metadata.beats))
+            keys = codec.decode(full_codes["pitch | keys (chord root)"])[0, 0, :n].numpy()
+            count = stem_chord_tones(keys, cfg.sample_rate, song.metadata.chords, "keys")
+            keys_ct, keys_notes = keys_ct + count.chord_tones, keys_notes + count.notes
     information = {}
     for name, pairs in tokens.items():
         train, test = pairs[0::2], pairs[1::2]
@@ -143,9 +142,7 @@ def measure(path: Path, n_songs: int, seconds: float, ceilings: bool) -> dict:
                 np.concatenate([c[q] for c, _ in test]), np.concatenate([l for _, l in test]),
                 cfg.card, n_labels[name]))
         information[name] = per_codebook
-    valid = [song for song in held_out_songs(2, 8.0, cfg.sample_rate, seed_base=20_000)]
-    from stage_stack.training.codec_train import SongAudio
-
+    valid = held_out_songs(2, 8.0, cfg.sample_rate, seed_base=20_000)
     snr = evaluate_codec(codec, eval_clips([SongAudio(str(i), s.stems) for i, s in enumerate(valid)],
                                            cfg.sample_rate, 8.0))
     result = {"codec": str(path), "config": cfg.to_dict(), "frame_rate": cfg.frame_rate,
@@ -154,6 +151,11 @@ def measure(path: Path, n_songs: int, seconds: float, ceilings: bool) -> dict:
         result["ceilings"] = {"drums_from_click_beat_f1": round(float(np.mean(drums_f1)), 4),
                               "keys_chord_tone_share": round(keys_ct / keys_notes, 4) if keys_notes else None}
     return result
+
+
+def _label(result: dict) -> str:
+    path = Path(result["codec"])
+    return f"{path.parent.name}/{path.name}"
 
 
 def main(argv=None) -> int:
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     rows = []
     for r in results:
         for name, per_q in r["information"].items():
-            rows.append({"codec": Path(r["codec"]).parent.name + "/" + Path(r["codec"]).name, "probe": name,
+            rows.append({"codec": _label(r), "probe": name,
                          "H": per_q[0]["label_entropy"],
                          **{f"q{q}": c["nats"] for q, c in enumerate(per_q)},
                          "q0 share": per_q[0]["share"]})
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
                               ("q1", "q1"), ("q2", "q2"), ("q3", "q3"), ("q0 share", "q0 / H")]))
     rows = []
     for r in results:
-        row = {"codec": Path(r["codec"]).parent.name + "/" + Path(r["codec"]).name}
+        row = {"codec": _label(r)}
         row.update({k: v["si_snr_db"] for k, v in r["round_trip"].items()})
         row.update(r.get("ceilings", {}))
         rows.append(row)

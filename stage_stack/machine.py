@@ -157,10 +157,16 @@ def probe_kernels() -> KernelChoices:
     """
     import torch.nn.functional as F
 
+    with _one_thread():
+        return _probe()
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _probe()
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -204,9 +210,7 @@ def bf16_training_ratio(width: int = 256, rows: int = 1024) -> float:
     alone: forward 5x, forward+backward 18x), while on Intel AMX machines it is the faster one.
     Decode-shaped products (2 rows) behave differently again (`probe_kernels`).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         generator = torch.Generator().manual_seed(0)
         layer = torch.nn.Linear(width, 4 * width)
         x = torch.randn(rows, width, generator=generator, requires_grad=True)
@@ -219,10 +223,7 @@ def bf16_training_ratio(width: int = 256, rows: int = 1024) -> float:
             return run
 
         fp32 = _time_ms(step(False), repeats=3)
-        bf16 = _time_ms(step(True), repeats=3)
-        return bf16 / fp32
-    finally:
-        torch.set_num_threads(threads)
+        return _time_ms(step(True), repeats=3) / fp32
 
 
 def _cache_key() -> str:
