@@ -669,7 +669,8 @@ def measure_arrange(spec: dict[str, Any], fmt: str) -> dict[str, Any]:
     song = arranger.arrange(["drums", "bass", "keys"], duration=spec["arrange_seconds"], seed=spec["seed"])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     seconds = spec["arrange_seconds"]
-    layers = [{"instrument": layer.instrument, **layer.timings.model_dump()} for layer in song.manifest.layers]
+    layers = [{"instrument": layer.instrument, "weight_format": layer.expert.weight_format,
+               **layer.timings.model_dump()} for layer in song.manifest.layers]
     return {"format": fmt, "arrange_s": wall, "cpu_s": cpu, "import_s": imported - started,
             "song_seconds": seconds, "stem_seconds": 3 * seconds,
             "rtf_song": seconds / wall, "rtf_stems": 3 * seconds / wall,
@@ -855,8 +856,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-steps", type=int, default=None,
                         help="teacher-forced steps of the format-accuracy table (default 48, quick 8; 0 = skip)")
     parser.add_argument("--arrange-formats", default=None,
-                        help="weight formats for the demo-expert Arranger rows (default fp32,int8; 'none' = skip; "
-                             "not with --quick)")
+                        help="weight formats for the demo-expert Arranger rows (default fp32,int8; 'auto' = the "
+                             "Arranger's default; 'none' = skip; not with --quick)")
     parser.add_argument("--arrange-seconds", type=float, default=10.0, help="song length of the Arranger rows")
     parser.add_argument("--bandwidth-mb", type=int, default=None, help="copy buffer size (default 512, quick 64)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-drums-in-context", action="store_true", help="score drums from a click only")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['tempos']} songs of {QUICK['duration']:g} s")
     parser.add_argument("--tiny", action="store_true", help="random tiny experts: checks the script, scores are noise")
+    parser.add_argument("--dtype", default="fp32",
+                        help="experts' weight format (default fp32: comparable across machines; 'auto' is what "
+                             "the Arranger uses by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: best on busy cores)")
     parser.add_argument("--audio-dir", type=Path, default=None, help="keep the generated stems here")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON path (default {DEFAULT_OUTPUT})")
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         n_tempos=args.tempos or (QUICK["tempos"] if args.quick else 20),
         duration=args.duration or (QUICK["duration"] if args.quick else 10.0),
         seed_base=args.seed_base, trim_seconds=args.trim, cfg_coef=args.cfg,
-        drums_in_context=not args.no_drums_in_context,
+        drums_in_context=not args.no_drums_in_context, dtype=args.dtype,
     )
     machine = machine_info()
     print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({args.threads} thread(s)), "

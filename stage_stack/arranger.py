@@ -104,8 +104,10 @@ class Arranger:
                 {instrument: device} (stage_stack.placement)
     max_memory  {device: bytes or "24GiB"}: experts are loaded lazily, least recently used
                 ones are unloaded when a device's budget would be exceeded
-    dtype       the LMs' weight format (stage_stack.expert.WeightFormat: "fp32", "bf16", "fp16", "int8",
-                "int4"; aliases "float32", "bfloat16", "float16"); codecs run in float32
+    dtype       the LMs' weight format: "auto" (the default: per device, the measured best,
+                stage_stack.machine.auto_weight_format: int8 on a CPU with native bf16, bf16 on
+                a GPU, else fp32) or a stage_stack.expert.WeightFormat ("fp32", "bf16", "fp16",
+                "int8", "int4"; aliases "float32", "bfloat16", "float16"); codecs run in float32
     click       the default click mode; None = "none": layers hear the mix alone, as the experts
                 were trained (STAGE pairs are a mix *or* a click, never both summed); the first
                 layer of a song without context hears the click whatever the mode
@@ -121,7 +123,7 @@ class Arranger:
         registry: "Registry | None" = None,
         device_map: DeviceMap = "auto",
         max_memory: Mapping[str, int | str] | None = None,
-        dtype: str | torch.dtype = "fp32",
+        dtype: str | torch.dtype = "auto",
         click: ClickMode | None = None,
         sample_rate: int | None = None,
         limiter: LimiterSettings = LimiterSettings(),
@@ -201,9 +203,11 @@ class Arranger:
             self._pool.placement[name] = plan[name]
 
     def _torch_dtype(self) -> torch.dtype:
-        from .expert import FORMAT_DTYPES
+        from .expert import FORMAT_DTYPES, resolve_format
 
-        return FORMAT_DTYPES[self.dtype]  # int8/int4: an upper bound (their block linears are smaller)
+        # "auto" is sized as on the first device placement would try (a GPU when there is one).
+        fmt = resolve_format(self.dtype, self.inventory.names[0])
+        return FORMAT_DTYPES[fmt]  # int8/int4: an upper bound (their block linears are smaller)
 
     def _load(self, name: str, source: Path, device: str) -> Expert:
         return load_expert(source, device=device, dtype=self.dtype, sha256=self._expected_sha.get(name))
@@ -241,7 +245,8 @@ class Arranger:
                 where, origin = (str(expert.path) if expert.path else "<in memory>"), "in-memory"
             self._records[name] = ExpertRecord(
                 instrument=name, source=where, sha256=digest, origin=origin, sample_rate=expert.sample_rate,
-                frame_rate=expert.frame_rate, device=str(expert.device), dtype=str(expert.lm.final_norm.weight.dtype))
+                frame_rate=expert.frame_rate, device=str(expert.device), dtype=str(expert.lm.final_norm.weight.dtype),
+                weight_format=expert.weight_format)
         return self._records[name]
 
     # -- defaults from the registry ---------------------------------------------------------
@@ -524,6 +529,11 @@ class Arranger:
             want, got = m.layer(name).expert.sha256, song.manifest.layer(name).expert.sha256
             if want and got != want:
                 raise IntegrityError(f"the {name!r} expert has sha256 {got}, the manifest records {want}")
+            made, now = m.layer(name).expert.weight_format, song.manifest.layer(name).expert.weight_format
+            if made and now and made != now:
+                warnings.warn(f"layer {name!r} was made with {made} weights and reproduced with {now} ones, so its "
+                              f"audio differs; pass dtype={made!r} (--dtype {made}) to reproduce it exactly",
+                              stacklevel=2)
         return song
 
     # -- one layer --------------------------------------------------------------------------

@@ -320,6 +320,9 @@ class EvalSettings:
     trim_seconds: float = BEAT_TRIM_SECONDS
     cfg_coef: float = 3.0  # the other sampling settings are the reference's defaults
     drums_in_context: bool = True  # also generate drums on the other stems (rhythmic F1)
+    # The experts' weight format. fp32, not the Arranger's "auto", so that scores compare across
+    # machines (auto is int8 on some CPUs and fp32 on others); quality.py --dtype auto scores what users get.
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.n_tempos < 1:
@@ -463,14 +466,15 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _load(path: str | Path):
+def _load(path: str | Path, dtype: str = "fp32"):
     from .expert import load_expert, sha256_file
 
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"expert file not found: {path}")
-    expert = load_expert(path)
-    return expert, {"path": str(path), "instrument": expert.instrument, "sha256": sha256_file(path)}
+    expert = load_expert(path, dtype=dtype)
+    return expert, {"path": str(path), "instrument": expert.instrument, "sha256": sha256_file(path),
+                    "weight_format": expert.weight_format}
 
 
 def _slug(text: str) -> str:
@@ -572,7 +576,7 @@ def evaluate(experts: Sequence[str | Path], ablation_drums: str | Path | None = 
     by_instrument: dict = {}  # instrument -> Expert
     described: dict[str, dict] = {}
     for path in experts:
-        expert, info = _load(path)
+        expert, info = _load(path, settings.dtype)
         if expert.instrument not in NOTE_ANALYSIS:
             raise EvaluationError(f"{path}: a {expert.instrument!r} expert has no held-out stem to be compared "
                                   f"with; the synthetic band has {', '.join(NOTE_ANALYSIS)}")
@@ -588,7 +592,7 @@ def evaluate(experts: Sequence[str | Path], ablation_drums: str | Path | None = 
         if "drums" not in by_instrument:
             raise EvaluationError("the ablation compares two drums experts: give the drums expert trained with "
                                   "click pairs too")
-        ablation, info = _load(ablation_drums)
+        ablation, info = _load(ablation_drums, settings.dtype)
         if ablation.instrument != "drums":
             raise EvaluationError(f"{ablation_drums}: the ablation expert must be a drums expert, "
                                   f"this one is {ablation.instrument!r}")

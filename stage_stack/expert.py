@@ -39,6 +39,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # bfloat16 activations; the CFG mixing and the sampler run in float32 for every format.
 WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "int4"]
 WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
+# "auto" is a choice, not a format: load_expert resolves it per device (machine.auto_weight_format).
+FormatChoice = Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"]
 FORMAT_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 FORMAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
                  "int4": torch.bfloat16}  # the floating-point parts (activations, norms, embeddings, heads)
@@ -333,13 +335,23 @@ def save_codec(path: str | os.PathLike, codec: Codec, id: str = "") -> Path:
 
 # -- devices ----------------------------------------------------------------------------------
 
-def resolve_format(value: str | torch.dtype) -> str:
-    """A weight format name (`WeightFormat`) from a name, an alias (float32, ...) or a torch dtype."""
+def resolve_format(value: str | torch.dtype, device: str | torch.device | None = None) -> str:
+    """A weight format name (`WeightFormat`) from a name, an alias (float32, ...) or a torch dtype.
+
+    "auto" stays "auto" without a device, and is the device's format with one
+    (`stage_stack.machine.auto_weight_format`).
+    """
     if isinstance(value, torch.dtype):
         value = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(value, str(value))
     name = FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
+    if name == "auto":
+        if device is None:
+            return "auto"
+        from .machine import auto_weight_format
+
+        return auto_weight_format(device)
     if name not in WEIGHT_FORMATS:
-        raise DeviceError(f"dtype {value!r} is not supported; use one of {', '.join(WEIGHT_FORMATS)} "
+        raise DeviceError(f"dtype {value!r} is not supported; use one of auto, {', '.join(WEIGHT_FORMATS)} "
                           "(or float32, bfloat16, float16)")
     return name
 
@@ -464,6 +476,7 @@ class Expert:
     path: Path
     sha256: str | None = None
     text: Any = None  # stage_stack.models.text.TextConditioner when the expert uses text
+    weight_format: str = "fp32"  # the LM's WeightFormat, as loaded
 
     @property
     def instrument(self) -> str:
@@ -485,7 +498,7 @@ class Expert:
 def load_expert(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: WeightFormat | str | torch.dtype = "fp32",
+    dtype: FormatChoice | str | torch.dtype = "fp32",
     sha256: str | None = None,
     codec_dirs: list[str | os.PathLike] = (),
     load_text: bool = True,
@@ -493,14 +506,17 @@ def load_expert(
     """Load an expert: LM in weight format `dtype` on `device`; codec (always float32) on the same device.
 
     `dtype` is a `WeightFormat`: fp32, bf16, fp16, or int8 / int4 (weight-only quantization of
-    the block linears at load time, on the CPU; see stage_stack.models.quant). The modules are
+    the block linears at load time, on the CPU; see stage_stack.models.quant); or "auto", the
+    measured best for `device` (`stage_stack.machine.auto_weight_format`: int8 on a CPU with
+    native bf16, bf16 on a GPU). fp32 is the default here because parity and training need it;
+    the Arranger, the CLI and the studio default to "auto". The modules are
     built on the meta device and filled from the file tensor by tensor, so loading needs one
     copy of the weights in memory, not two (a quantized matrix is quantized as it is read).
     """
     path = Path(path)
-    fmt = resolve_format(dtype)
-    dtype = FORMAT_DTYPES[fmt]
     device = resolve_device(device)
+    fmt = resolve_format(dtype, device)
+    dtype = FORMAT_DTYPES[fmt]
     if fmt in ("int8", "int4") and device.type != "cpu":
         raise DeviceError(f"dtype {fmt!r} uses torch's CPU weight-only kernels; load it with device='cpu', "
                           "or use dtype='bf16' on this device")
@@ -543,4 +559,4 @@ def load_expert(
         from .models.text import load_text_conditioner
 
         text = load_text_conditioner(metadata, path, device)
-    return Expert(metadata, lm, codec, path, digest, text)
+    return Expert(metadata, lm, codec, path, digest, text, fmt)

@@ -82,7 +82,8 @@ class ExpertRecord(_Model):
     sample_rate: int
     frame_rate: int
     device: str
-    dtype: str
+    dtype: str  # the LM's floating-point dtype
+    weight_format: str | None = None  # the LM's WeightFormat (fp32, bf16, fp16, int8, int4); None in older manifests
 
 
 def _layer_spec_fields() -> dict:

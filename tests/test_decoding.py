@@ -259,6 +259,37 @@ def test_arranger_and_cli_take_the_same_formats():
     assert result.exit_code != 0 and "int8" in result.output and "int4" in result.output
 
 
+@pytest.mark.parametrize("flags,device,want", [
+    ({"avx512_bf16", "avx512f"}, "cpu", "int8"),   # the AMD EPYC of benchmarks/README.md
+    ({"amx_bf16", "amx_int8"}, "cpu", "int8"),     # an Intel Xeon with AMX
+    ({"avx2", "fma"}, "cpu", "fp32"),              # bf16 emulated: int8's bf16 activations not measured as a win
+    (set(), "meta", "fp32"),
+])
+def test_auto_format_follows_the_device_and_cpu_features(monkeypatch, flags, device, want):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset(flags))
+    assert machine.auto_weight_format(device) == want
+    assert resolve_format("auto") == "auto"  # without a device it stays a choice
+    assert resolve_format("auto", device) == want
+
+
+def test_auto_is_the_arranger_default_and_recorded_as_the_format_it_chose(tmp_path, monkeypatch):
+    from stage_stack import Arranger
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    path = make_tiny_expert(tmp_path / "drums.safetensors", instrument="drums")
+    assert load_expert(path).weight_format == "fp32"  # the low-level default: parity and training need fp32
+    assert load_expert(path, dtype="auto").weight_format == "int8"
+    arranger = Arranger({"drums": path}, device_map="cpu")
+    assert arranger.dtype == "auto"
+    song = arranger.arrange(["drums"], duration=1.0, out=tmp_path / "song")
+    record = song.manifest.layer("drums").expert
+    assert record.weight_format == "int8" and record.dtype == "torch.bfloat16"
+    assert any(isinstance(m, Int8Linear) for m in arranger.expert("drums").lm.modules())
+    # reproducing with other weights says so, and how to get the recorded ones
+    with pytest.warns(UserWarning, match=r"made with int8 weights and reproduced with fp32.*dtype='int8'"):
+        Arranger({}, dtype="fp32").reproduce(tmp_path / "song" / "manifest.json", out=tmp_path / "again")
+
+
 def test_bf16_kv_cache_agrees_with_float32_cache():
     lm = sharp_lm()
     f32, f_steps = generate(lm, context(), 9, params=GREEDY, return_steps=True, kv_dtype=torch.float32)

@@ -139,10 +139,11 @@ def arranger_options(command):
                           "INSTRUMENT=DEVICE,..."),
         click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
                      help="Memory budget per device, e.g. cuda:0=20GiB; least recently used experts are unloaded."),
-        click.option("--dtype", default="fp32", show_default=True,
-                     type=click.Choice(WEIGHT_FORMATS + tuple(FORMAT_ALIASES)),
-                     help="LM weight format: fp32, bf16, fp16, or int8 / int4 (weight-only, quantized at load "
-                          "time, CPU). benchmarks/README.md says which is fastest where."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(("auto",) + WEIGHT_FORMATS + tuple(FORMAT_ALIASES)),
+                     help="LM weight format: auto (per device, the measured best: int8 on a CPU with native "
+                          "bf16, bf16 on a GPU, else fp32), fp32, bf16, fp16, or int8 / int4 (weight-only, "
+                          "quantized at load time, CPU). benchmarks/README.md has the numbers."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary."),
     ]
     for option in reversed(options):
