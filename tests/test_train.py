@@ -362,8 +362,10 @@ def test_shipped_configs_validate():
             continue
         config = load_config(path, TrainConfig)
         assert config.run_dir.parts[:2] == ("runs", "exp") and config.export.output.parts[:2] == ("runs", "exp")
+        # each experiment pulls one of the levers: a second stage, aligned positions, the taught
+        # codec, or the alignment aids from step 0
         assert (config.base.expert is not None or config.base.fresh.positions == "aligned"
-                or "taught" in str(config.base.fresh.codec))
+                or "taught" in str(config.base.fresh.codec) or config.dropout.self_context > 0)
 
 
 def test_existing_run_dir_is_never_overwritten(shared, tmp_path):
