@@ -65,8 +65,8 @@ def _experts(args: argparse.Namespace, scratch: Path) -> tuple[list[Path], Path 
                 continue
         experts.append(path)
     ablation = args.ablation_drums
-    if ablation is None and DEFAULT_ABLATION.is_file():
-        ablation = DEFAULT_ABLATION
+    if ablation is None and DEFAULT_ABLATION.is_file() and (not args.only or "drums" in args.only):
+        ablation = DEFAULT_ABLATION  # --only without drums: the ablation needs the drums expert beside it
     return experts, ablation
 
 
