@@ -64,6 +64,8 @@ def _experts(args: argparse.Namespace, scratch: Path) -> tuple[list[Path], Path 
                 print(f"note: no {name} expert ({path} does not exist); its tasks are skipped", file=sys.stderr)
                 continue
         experts.append(path)
+    if args.no_ablation:
+        return experts, None
     ablation = args.ablation_drums
     if ablation is None and DEFAULT_ABLATION.is_file() and (not args.only or "drums" in args.only):
         ablation = DEFAULT_ABLATION  # --only without drums: the ablation needs the drums expert beside it
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-drums", type=Path, default=None,
                         help="drums expert trained without click pairs (default: the one "
                              "configs/demo-drums-noclick.yaml exports, when it exists; else skipped)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation even when its expert exists")
     parser.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
                         help="evaluate only these instruments, e.g. drums or drums,bass (default: all three)")
     parser.add_argument("--no-drums-in-context", action="store_true", help="score drums from a click only")
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no expert to evaluate: train the demo experts (configs/demo-*.yaml) or pass --drums/--bass/--keys",
                   file=sys.stderr)
             return 2
-        if ablation is None:
+        if ablation is None and not args.no_ablation:
             print(f"note: the ablation is skipped ({DEFAULT_ABLATION} does not exist; train it with "
                   "configs/demo-drums-noclick.yaml or pass --ablation-drums)", file=sys.stderr)
         started = time.perf_counter()

@@ -168,13 +168,22 @@ class TokenLayout:
             scored[:, q, :n] = batch.final_mask[:, q, C + 2 + q : C + 2 + q + n]
         return aligned, scored
 
-    def loss(self, logits: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
-        """Cross-entropy per codebook over scored target frames, then the mean over codebooks."""
+    def loss(self, logits: torch.Tensor, batch: TrainingBatch,
+             frame_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy per codebook over scored target frames, then the mean over codebooks.
+
+        `frame_weights` [B, T] (target frames) turn each codebook's mean into a weighted mean.
+        """
         aligned, scored = self.target_logits(logits, batch)
         per_codebook = []
         for q in range(aligned.shape[1]):
             mask = scored[:, q]
-            per_codebook.append(F.cross_entropy(aligned[:, q][mask].float(), batch.targets[:, q][mask]))
+            if frame_weights is None:
+                per_codebook.append(F.cross_entropy(aligned[:, q][mask].float(), batch.targets[:, q][mask]))
+                continue
+            ce = F.cross_entropy(aligned[:, q][mask].float(), batch.targets[:, q][mask], reduction="none")
+            w = frame_weights.to(ce)[mask]
+            per_codebook.append((ce * w).sum() / w.sum())
         return torch.stack(per_codebook).mean()
 
     # -- generation ---------------------------------------------------------------------------

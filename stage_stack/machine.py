@@ -11,9 +11,11 @@ so nothing here is fixed once and for all.
   under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
   forces a fresh probe or flags only.
 - `auto_weight_format()`: the weight format `dtype="auto"` loads an LM in on a device: bf16 on
-  a GPU, int8 on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX: int8 weight-only
-  decodes with bf16 activations; measured 1.8x fp32 and 1.4x bf16 per CPU-second on an AMD EPYC,
-  2.5x fp32 on an Intel Xeon with AMX, >= 96.9 % top-1 agreement with fp32), else fp32.
+  a GPU; on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX), int8 weight-only (bf16
+  activations; >= 96.9 % top-1 agreement with fp32) for a small expert or when decoding gets one
+  thread, and bf16 for a large model decoding on two or more (torch's int8 kernel stays on one
+  thread: 14.4 steps/s wall against bf16's 18.0 at MusicGen-small size on 2 idle cores of an
+  AMD EPYC, though 1.59x bf16 per CPU-second); fp32 elsewhere.
 - `decode_threads()`: the thread count for decoding. Two OpenMP threads on two busy cores
   spin-wait on each other (a step was 4.7x slower than with one thread), and a small expert is
   bound by per-op overhead that more threads only add to, so the count is chosen at run time
@@ -74,9 +76,11 @@ def cpu_info() -> dict:
     }
 
 
-def auto_weight_format(device: torch.device | str = "cpu") -> str:
-    """The `WeightFormat` that `dtype="auto"` means on `device` (benchmarks/README.md, "Default
-    format per device", has the numbers behind each branch)."""
+def auto_weight_format(device: torch.device | str = "cpu", n_params: int | None = None,
+                       threads: int | None = None) -> str:
+    """The `WeightFormat` that `dtype="auto"` means for a model of `n_params` on `device`, decoded
+    on `threads` CPU threads (default: the count `decode_threads` would choose now).
+    benchmarks/README.md, "Default format per device", has the numbers behind each branch."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -84,8 +88,17 @@ def auto_weight_format(device: torch.device | str = "cpu") -> str:
         flags = cpu_flags()
         # Without native bf16 the int8 kernel's bf16 activations are emulated: not measured as a win.
         native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        if native_bf16 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            return "int8"
+        if not (native_bf16 and hasattr(torch.ops.aten, "_weight_int8pack_mm")):
+            return "fp32"
+        if n_params is None or n_params < SMALL_MODEL_PARAMS:
+            return "int8"  # one thread and per-op overhead: the smaller weights are what is left to win
+        if threads is None:
+            setting = threads_setting()
+            threads = choose_threads(n_params) if setting is None else (setting or torch.get_num_threads())
+        # torch's int8 weight-only kernel decodes on one thread whatever the setting (its CPU
+        # time equals its wall time at 2 threads), so bf16, which does use the second core, is
+        # faster in wall time there: 18.0 vs 14.4 steps/s at MusicGen-small size.
+        return "int8" if threads <= 1 else "bf16"
     return "fp32"
 
 

@@ -259,17 +259,42 @@ def test_arranger_and_cli_take_the_same_formats():
     assert result.exit_code != 0 and "int8" in result.output and "int4" in result.output
 
 
-@pytest.mark.parametrize("flags,device,want", [
-    ({"avx512_bf16", "avx512f"}, "cpu", "int8"),   # the AMD EPYC of benchmarks/README.md
-    ({"amx_bf16", "amx_int8"}, "cpu", "int8"),     # an Intel Xeon with AMX
-    ({"avx2", "fma"}, "cpu", "fp32"),              # bf16 emulated: int8's bf16 activations not measured as a win
-    (set(), "meta", "fp32"),
+LARGE = 420_000_000  # MusicGen-small size
+SMALL = 3_700_000  # the demo experts
+
+
+@pytest.mark.parametrize("flags,device,n_params,threads,want", [
+    ({"avx512_bf16", "avx512f"}, "cpu", SMALL, 2, "int8"),  # the AMD EPYC of benchmarks/README.md
+    ({"avx512_bf16", "avx512f"}, "cpu", LARGE, 1, "int8"),  # one thread: int8 is 1.59x bf16 per CPU-second
+    ({"avx512_bf16", "avx512f"}, "cpu", LARGE, 2, "bf16"),  # two: the int8 kernel uses one of them
+    ({"amx_bf16", "amx_int8"}, "cpu", SMALL, 1, "int8"),    # an Intel Xeon with AMX
+    ({"amx_bf16", "amx_int8"}, "cpu", LARGE, 4, "bf16"),
+    ({"avx2", "fma"}, "cpu", SMALL, 1, "fp32"),  # bf16 emulated: int8's bf16 activations not measured as a win
+    ({"avx2", "fma"}, "cpu", LARGE, 2, "fp32"),
+    (set(), "meta", SMALL, 1, "fp32"),
 ])
-def test_auto_format_follows_the_device_and_cpu_features(monkeypatch, flags, device, want):
+def test_auto_format_follows_the_device_cpu_features_size_and_threads(monkeypatch, flags, device, n_params,
+                                                                        threads, want):
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset(flags))
-    assert machine.auto_weight_format(device) == want
+    assert machine.auto_weight_format(device, n_params, threads) == want
     assert resolve_format("auto") == "auto"  # without a device it stays a choice
-    assert resolve_format("auto", device) == want
+    # without a thread count, the one decoding would get: STAGE_STACK_THREADS when it is set
+    monkeypatch.setenv("STAGE_STACK_THREADS", str(threads))
+    assert resolve_format("auto", device, n_params=n_params) == want
+
+
+def test_auto_format_without_a_size_is_the_small_experts_choice(monkeypatch):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setenv("STAGE_STACK_THREADS", "2")
+    assert machine.auto_weight_format("cpu") == "int8"
+    assert machine.auto_weight_format("cpu", LARGE) == "bf16"
+    # the thread count chosen from the load average: two idle cores, then two busy ones
+    monkeypatch.delenv("STAGE_STACK_THREADS")
+    monkeypatch.setattr(machine, "load_average", lambda: 0.0)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    assert machine.auto_weight_format("cpu", LARGE) == "bf16"
+    monkeypatch.setattr(machine, "load_average", lambda: 1.9)
+    assert machine.auto_weight_format("cpu", LARGE) == "int8"
 
 
 def test_auto_is_the_arranger_default_and_recorded_as_the_format_it_chose(tmp_path, monkeypatch):

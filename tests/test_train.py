@@ -138,6 +138,52 @@ def test_resume_refuses_a_changed_config(shared, tmp_path):
     assert train(longer, resume=True, progress=False, export=False).step == 3
 
 
+def test_onset_weight_weighs_training_frames_at_the_targets_onsets_and_never_validation(shared, tmp_path):
+    from accelerate import Accelerator
+
+    from stage_stack.training.token_cache import onset_strength
+
+    # the rise into each frame, over the largest rise; the frame before the window counts
+    peaks = np.array([0.0, 0.5, 0.2, 0.9, 0.9, 0.1], dtype=np.float32)
+    assert onset_strength(peaks, 0, 4).tolist() == pytest.approx([0.0, 0.5 / 0.7, 0.0, 1.0])
+    assert onset_strength(peaks, 2, 3).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert not onset_strength(np.zeros(4, np.float32), 0, 4).any()  # silence: no onset, no NaN
+
+    lm = init_weights(StageLM(StageLMConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, card=16, n_q=2)), seed=0)
+    codec = tiny_codec()
+    plain_cfg = make_config(shared, tmp_path / "plain")
+    weighted_cfg = make_config(shared, tmp_path / "weighted", loss={"onset_weight": 4.0})
+    train_data, valid_data = build_datasets(plain_cfg, codec)
+    plain = Trainer(plain_cfg, Base(lm, codec, None, None), train_data, valid_data, Accelerator(cpu=True))
+    weighted = Trainer(weighted_cfg, Base(lm, codec, None, None), train_data, valid_data, Accelerator(cpu=True))
+    batch = plain._micro_batch(0)
+    onsets = batch["target_onsets"]
+    assert onsets.shape == batch["target"][:, 0].shape and 0 <= float(onsets.min()) and float(onsets.max()) == 1.0
+    assert torch.allclose(weighted.frame_weights(batch), 1 + 4 * onsets)
+    assert plain.frame_weights(batch) is None
+    with torch.no_grad():
+        assert float(weighted.loss(batch, train=True)) != pytest.approx(float(plain.loss(batch, train=True)), abs=1e-5)
+        assert float(weighted.loss(batch, train=False)) == float(plain.loss(batch, train=False))
+        # equal weights are the plain mean
+        context, drop, history = plain.conditioning(batch, train=False)
+        tb = plain.layout.training_batch(context, batch["target"])
+        logits = lm(tb.codes, tb.attention_mask, None, None, positions=tb.positions)
+        ones = torch.full(onsets.shape, 3.0)
+        assert float(plain.layout.loss(logits, tb, ones)) == pytest.approx(float(plain.layout.loss(logits, tb)))
+
+
+def test_a_run_saved_before_the_loss_section_resumes(shared, tmp_path):
+    from stage_stack.training.config import RESUME_KEYS, check_resume_compatible
+
+    train(make_config(shared, tmp_path / "run"), progress=False, export=False, stop_after=1)
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    saved = {k: v for k, v in state["config"].items() if k != "loss"}  # as older versions saved it
+    check_resume_compatible(saved, make_config(shared, tmp_path / "run"), RESUME_KEYS, tmp_path / "run")
+    with pytest.raises(TrainingConfigError, match=r"'loss.onset_weight' is 4.0 but the run was started with 0.0"):
+        check_resume_compatible(saved, make_config(shared, tmp_path / "run", loss={"onset_weight": 4.0}),
+                                RESUME_KEYS, tmp_path / "run")
+
+
 def test_resume_accepts_a_retrained_decoder_but_not_another_encoder(shared, tmp_path):
     train(make_config(shared, tmp_path / "run"), progress=False, export=False, stop_after=1)
     for part, allowed in (("decoder.", True), ("encoder.", False)):
@@ -363,9 +409,10 @@ def test_shipped_configs_validate():
         config = load_config(path, TrainConfig)
         assert config.run_dir.parts[:2] == ("runs", "exp") and config.export.output.parts[:2] == ("runs", "exp")
         # each experiment pulls one of the levers: a second stage, aligned positions, the taught
-        # codec, or the alignment aids from step 0
+        # codec, or one of the alignment aids from step 0
         assert (config.base.expert is not None or config.base.fresh.positions == "aligned"
-                or "taught" in str(config.base.fresh.codec) or config.dropout.self_context > 0)
+                or "taught" in str(config.base.fresh.codec) or config.dropout.self_context > 0
+                or config.dropout.history > 0)
 
 
 def test_existing_run_dir_is_never_overwritten(shared, tmp_path):

@@ -198,6 +198,15 @@ class DropoutConfig(_Section):
     self_context: float = Field(0.0, ge=0, le=1)
 
 
+class LossConfig(_Section):
+    """How target frames are weighted in the training loss (validation losses are never weighted)."""
+
+    # A target frame weighs 1 + onset_weight x its stem's onset strength there (the rise of the
+    # stem's per-frame peak, scaled to [0, 1] per pair); 0 is STAGE's plain mean. Not in STAGE's
+    # recipe: it puts more of the gradient on the frames whose timing the context decides.
+    onset_weight: float = Field(0.0, ge=0)
+
+
 class ExportConfig(_Section):
     output: Path  # the expert file written at the end (and by `stage-stack train --export-only`)
     license: str = "MIT"
@@ -216,6 +225,7 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig
     dropout: DropoutConfig = DropoutConfig()
+    loss: LossConfig = LossConfig()
     export: ExportConfig
     batch_size: int = Field(8, gt=0)  # per process and micro-step
     grad_accum: int = Field(1, gt=0)
@@ -236,7 +246,7 @@ class TrainConfig(_Section):
 RESUME_KEYS = ("instrument", "seed", "base.expert", "base.fresh.dim", "base.fresh.n_layers", "base.fresh.n_heads",
                "base.fresh.ffn_dim", "base.fresh.init_seed", "data", "optim", "dropout", "batch_size", "grad_accum",
                "schedule.embed_only_steps", "schedule.embed_lr_boost", "schedule.unfreeze_ramp_steps",
-               "schedule.min_lr_ratio", "mixed_precision")
+               "schedule.min_lr_ratio", "mixed_precision", "loss")
 
 
 # -- codec training ----------------------------------------------------------------------------
@@ -388,6 +398,10 @@ def _first_difference(key: str, before: Any, after: Any) -> tuple[str, Any, Any]
 def check_resume_compatible(saved: dict, current: BaseModel, keys: tuple[str, ...], run_dir: Path) -> None:
     """Refuse to resume a run whose defining fields changed; name the first changed field."""
     now = current.model_dump(mode="json")
+    try:  # a run saved before a field existed was trained with its default
+        saved = type(current).model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        pass
     for key in keys:
         found = _first_difference(key, _lookup(saved, key), _lookup(now, key))
         if found:

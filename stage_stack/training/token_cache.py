@@ -253,6 +253,9 @@ class TokenPair:
     description: str
     frame_rate: float
     info: PairInfo  # offset_seconds is in the variant's (augmented) time
+    # float32 [segment frames] in [0, 1]: the rise of the target stem's per-frame peak, scaled by
+    # the pair's largest rise (its onsets; what `loss.onset_weight` weighs the loss with)
+    target_onsets: np.ndarray | None = None
 
 
 class TokenPairDataset:
@@ -378,7 +381,17 @@ class TokenPairDataset:
         target = f.get_slice(f"codes.{self.target_stem}")[:, offset : offset + T].astype(np.int64)
         info = PairInfo(entry.song_id, offset / self.frame_rate, entry.speed, entry.pitch,
                         "click" if use_click else "stems", tuple(chosen), length / self.frame_rate, entry.variant)
-        return TokenPair(context, target, entry.description, self.frame_rate, info)
+        return TokenPair(context, target, entry.description, self.frame_rate, info,
+                         onset_strength(peaks[row], offset, T))
+
+
+def onset_strength(peaks: np.ndarray, offset: int, n_frames: int) -> np.ndarray:
+    """[n_frames] float32 in [0, 1]: how much a stem's per-frame peak rises into each frame of
+    peaks[offset : offset + n_frames] (from the frame before the window), over the largest rise."""
+    before = peaks[offset - 1 : offset] if offset > 0 else peaks[offset : offset + 1]
+    rise = np.maximum(np.diff(np.concatenate([before, peaks[offset : offset + n_frames]])), 0.0)
+    top = float(rise.max()) if rise.size else 0.0
+    return (rise / top if top > 0 else rise).astype(np.float32)
 
 
 def collate_token_pairs(pairs: list[TokenPair]) -> dict:
@@ -390,4 +403,6 @@ def collate_token_pairs(pairs: list[TokenPair]) -> dict:
         "context": [torch.from_numpy(p.context_codes) for p in pairs],
         "description": [p.description for p in pairs],
         "info": [p.info for p in pairs],
+        "target_onsets": (torch.stack([torch.from_numpy(p.target_onsets) for p in pairs])
+                          if all(p.target_onsets is not None for p in pairs) else None),
     }

@@ -344,7 +344,18 @@ class Trainer:
         memory, mask = self.text_memory(batch["description"], train, micro)
         with self.accelerator.autocast():
             logits = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions)
-        return self.layout.loss(logits, tb)
+        return self.layout.loss(logits, tb, self.frame_weights(batch) if train else None)
+
+    def frame_weights(self, batch: dict) -> torch.Tensor | None:
+        """[B, T] loss weights of the target frames (`loss.onset_weight`), None for a plain mean."""
+        weight = self.config.loss.onset_weight
+        if not weight:
+            return None
+        onsets = batch.get("target_onsets")
+        if onsets is None:
+            raise TrainingConfigError("loss.onset_weight needs the pairs' onset strengths, which this dataset does "
+                                      "not provide; train from the token cache (data.cache) or set onset_weight: 0")
+        return 1.0 + weight * onsets.to(self.accelerator.device)
 
     # -- steps ------------------------------------------------------------------------------
     def train_step(self) -> dict:
