@@ -67,7 +67,7 @@ from _common import (  # noqa: E402
 
 from stage_stack import machine as stage_machine  # noqa: E402
 from stage_stack.generation import SamplingParams, generate, sample_next  # noqa: E402
-from stage_stack.models.quant import QUANTIZED, release_freed_memory  # noqa: E402
+from stage_stack.models.quant import QUANTIZED, release_freed_memory, weight_count  # noqa: E402
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights  # noqa: E402
 
 OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int4": "int4"}
@@ -550,7 +550,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     element = torch.tensor([], dtype=kv_dtype).element_size()
     kv_bytes = 2 * cfg.n_layers * B * (kv_rows_len + extra_kv) * cfg.dim * element
     row.update(timing)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = weight_count(model)
     row["runtime"] = stage_machine.runtime_report(n_params)  # CPU, flags, kernel and thread choices
     if timing.get("decode_steps_per_s"):
         # A whole 10 s stem (every step of the workload), extrapolated from the timed steps.

@@ -105,9 +105,8 @@ class Arranger:
     max_memory  {device: bytes or "24GiB"}: experts are loaded lazily, least recently used
                 ones are unloaded when a device's budget would be exceeded
     dtype       the LMs' weight format: "auto" (the default: per device, the measured best,
-                stage_stack.machine.auto_weight_format: on a CPU with native bf16, int8 for small
-                experts or one decode thread and bf16 for large ones on more; bf16 on a GPU;
-                else fp32) or a stage_stack.expert.WeightFormat ("fp32", "bf16", "fp16",
+                stage_stack.machine.auto_weight_format: int8 on a CPU with native bf16, bf16 on
+                a GPU, else fp32) or a stage_stack.expert.WeightFormat ("fp32", "bf16", "fp16",
                 "int8", "int4"; aliases "float32", "bfloat16", "float16"); codecs run in float32
     click       the default click mode; None = "none": layers hear the mix alone, as the experts
                 were trained (STAGE pairs are a mix *or* a click, never both summed); the first

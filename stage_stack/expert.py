@@ -335,12 +335,11 @@ def save_codec(path: str | os.PathLike, codec: Codec, id: str = "") -> Path:
 
 # -- devices ----------------------------------------------------------------------------------
 
-def resolve_format(value: str | torch.dtype, device: str | torch.device | None = None,
-                   n_params: int | None = None) -> str:
+def resolve_format(value: str | torch.dtype, device: str | torch.device | None = None) -> str:
     """A weight format name (`WeightFormat`) from a name, an alias (float32, ...) or a torch dtype.
 
-    "auto" stays "auto" without a device, and is the format measured best for a model of
-    `n_params` on that device with one (`stage_stack.machine.auto_weight_format`).
+    "auto" stays "auto" without a device, and is the device's format with one
+    (`stage_stack.machine.auto_weight_format`).
     """
     if isinstance(value, torch.dtype):
         value = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(value, str(value))
@@ -350,7 +349,7 @@ def resolve_format(value: str | torch.dtype, device: str | torch.device | None =
             return "auto"
         from .machine import auto_weight_format
 
-        return auto_weight_format(device, n_params)
+        return auto_weight_format(device)
     if name not in WEIGHT_FORMATS:
         raise DeviceError(f"dtype {value!r} is not supported; use one of auto, {', '.join(WEIGHT_FORMATS)} "
                           "(or float32, bfloat16, float16)")
@@ -508,16 +507,16 @@ def load_expert(
 
     `dtype` is a `WeightFormat`: fp32, bf16, fp16, or int8 / int4 (weight-only quantization of
     the block linears at load time, on the CPU; see stage_stack.models.quant); or "auto", the
-    measured best for this model on `device` (`stage_stack.machine.auto_weight_format`: on a CPU
-    with native bf16, int8 for a small expert or one decode thread and bf16 for a large one on
-    more; bf16 on a GPU). fp32 is the default here because parity and training need it;
+    measured best for `device` (`stage_stack.machine.auto_weight_format`: int8 on a CPU with
+    native bf16, bf16 on a GPU). fp32 is the default here because parity and training need it;
     the Arranger, the CLI and the studio default to "auto". The modules are
     built on the meta device and filled from the file tensor by tensor, so loading needs one
     copy of the weights in memory, not two (a quantized matrix is quantized as it is read).
     """
     path = Path(path)
     device = resolve_device(device)
-    fmt = resolve_format(dtype, device=None)  # a bad name fails before the file is read
+    fmt = resolve_format(dtype, device)
+    dtype = FORMAT_DTYPES[fmt]
     if fmt in ("int8", "int4") and device.type != "cpu":
         raise DeviceError(f"dtype {fmt!r} uses torch's CPU weight-only kernels; load it with device='cpu', "
                           "or use dtype='bf16' on this device")
@@ -536,8 +535,6 @@ def load_expert(
 
     lm = build_empty(lambda: StageLM(metadata.lm_cfg))
     _check_keys(str(path), entries, "lm.", {k: v.shape for k, v in lm.state_dict().items()})
-    fmt = resolve_format(fmt, device, n_params=sum(p.numel() for p in lm.parameters()))
-    dtype = FORMAT_DTYPES[fmt]
     if fmt in ("int8", "int4"):
         _fill_quantized(lm, path, "lm.", device, dtype, fmt)
     else:

@@ -16,6 +16,7 @@ import torch
 from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
 from .machine import SMALL_MODEL_PARAMS, decode_threads
+from .models.quant import weight_count
 from .models.stage_lm import StageLM
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
@@ -140,7 +141,7 @@ def generate(
     thread count is chosen per call (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
     """
     device = lm.final_norm.weight.device
-    n_params = sum(p.numel() for p in lm.parameters())
+    n_params = weight_count(lm)
     with decode_threads(n_params, device):
         mode = resolve_mode(compile, lm)
         if n_params < SMALL_MODEL_PARAMS and device.type == "cpu":

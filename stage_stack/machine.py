@@ -11,15 +11,16 @@ so nothing here is fixed once and for all.
   under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
   forces a fresh probe or flags only.
 - `auto_weight_format()`: the weight format `dtype="auto"` loads an LM in on a device: bf16 on
-  a GPU; on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX), int8 weight-only (bf16
-  activations; >= 96.9 % top-1 agreement with fp32) for a small expert or when decoding gets one
-  thread, and bf16 for a large model decoding on two or more (torch's int8 kernel stays on one
-  thread: 14.4 steps/s wall against bf16's 18.0 at MusicGen-small size on 2 idle cores of an
-  AMD EPYC, though 1.59x bf16 per CPU-second); fp32 elsewhere.
+  a GPU, int8 on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX: int8 weight-only
+  decodes with bf16 activations, >= 96.9 % top-1 agreement with fp32; at MusicGen-small size on
+  an idle AMD EPYC, 1.61x bf16 on one thread and 1.31x on two, in wall time; 2.5x fp32 on an
+  Intel Xeon with AMX), else fp32.
 - `decode_threads()`: the thread count for decoding. Two OpenMP threads on two busy cores
   spin-wait on each other (a step was 4.7x slower than with one thread), and a small expert is
   bound by per-op overhead that more threads only add to, so the count is chosen at run time
-  from the load average and the model size. `STAGE_STACK_THREADS=N` fixes it; `STAGE_STACK_THREADS=torch`
+  from how many cores other processes keep busy (/proc/stat over 0.1 s; the load average off
+  Linux) and the model size (`models.quant.weight_count`: an int8 matrix counts as
+  its float one). `STAGE_STACK_THREADS=N` fixes it; `STAGE_STACK_THREADS=torch`
   leaves torch's own setting alone.
 """
 
@@ -76,11 +77,9 @@ def cpu_info() -> dict:
     }
 
 
-def auto_weight_format(device: torch.device | str = "cpu", n_params: int | None = None,
-                       threads: int | None = None) -> str:
-    """The `WeightFormat` that `dtype="auto"` means for a model of `n_params` on `device`, decoded
-    on `threads` CPU threads (default: the count `decode_threads` would choose now).
-    benchmarks/README.md, "Default format per device", has the numbers behind each branch."""
+def auto_weight_format(device: torch.device | str = "cpu") -> str:
+    """The `WeightFormat` that `dtype="auto"` means on `device` (benchmarks/README.md, "Default
+    format per device", has the numbers behind each branch)."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -88,17 +87,8 @@ def auto_weight_format(device: torch.device | str = "cpu", n_params: int | None 
         flags = cpu_flags()
         # Without native bf16 the int8 kernel's bf16 activations are emulated: not measured as a win.
         native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        if not (native_bf16 and hasattr(torch.ops.aten, "_weight_int8pack_mm")):
-            return "fp32"
-        if n_params is None or n_params < SMALL_MODEL_PARAMS:
-            return "int8"  # one thread and per-op overhead: the smaller weights are what is left to win
-        if threads is None:
-            setting = threads_setting()
-            threads = choose_threads(n_params) if setting is None else (setting or torch.get_num_threads())
-        # torch's int8 weight-only kernel decodes on one thread whatever the setting (its CPU
-        # time equals its wall time at 2 threads), so bf16, which does use the second core, is
-        # faster in wall time there: 18.0 vs 14.4 steps/s at MusicGen-small size.
-        return "int8" if threads <= 1 else "bf16"
+        if native_bf16 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            return "int8"
     return "fp32"
 
 
@@ -111,12 +101,59 @@ def load_average() -> float | None:
 
 # -- threads ------------------------------------------------------------------------------------
 
+BUSY_SAMPLE_SECONDS = 0.1
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (None off Linux)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _own_jiffies() -> int | None:
+    """utime + stime of this process, in jiffies."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+def busy_cores(seconds: float = BUSY_SAMPLE_SECONDS, cores: int | None = None) -> float | None:
+    """Cores other processes keep busy now: /proc/stat sampled over `seconds`, less this process.
+
+    Not the load average: that is a one-minute mean, and it still counts this process's own
+    last decode, so back-to-back calls would each see their predecessor and take one thread.
+    """
+    cores = cores or os.cpu_count() or 1
+    first, own_first = _cpu_jiffies(), _own_jiffies()
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second, own_second = _cpu_jiffies(), _own_jiffies()
+    total = second[1] - first[1]
+    if total <= 0:
+        return None
+    own = (own_second - own_first) if own_first is not None and own_second is not None else 0
+    return max(0.0, min(float(cores), cores * (second[0] - first[0] - own) / total))
+
+
 def choose_threads(n_params: int | None = None, load: float | None = None, cores: int | None = None) -> int:
-    """Threads for decoding a model of `n_params` on this machine now (see the module doc)."""
+    """Threads for decoding a model of `n_params` on this machine now (see the module doc).
+
+    `load` is the number of cores others keep busy (default: `busy_cores()`, else the load average).
+    """
     cores = cores or os.cpu_count() or 1
     if n_params is not None and n_params < SMALL_MODEL_PARAMS:
         return 1
-    load = load_average() if load is None else load
+    if load is None:
+        load = busy_cores(cores=cores)
+    if load is None:
+        load = load_average()
     free = cores if load is None else cores - load
     return max(1, min(cores, int(free + 0.5)))
 

@@ -26,6 +26,7 @@ from .expert import Expert
 from .generation import SamplingParams, generate, generation_steps
 from .longform import WindowPlan, expert_window_seconds, plan_windows, stitch
 from .machine import decode_threads
+from .models.quant import weight_count
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total) over all windows
 
@@ -98,7 +99,7 @@ def render_stem(
     Encoding, generation and decoding all run with the thread count stage_stack.machine chooses
     for this expert (one thread for a small one: more threads on busy cores spin-wait).
     """
-    size = sum(p.numel() for p in expert.lm.parameters()) + sum(p.numel() for p in expert.codec.parameters())
+    size = weight_count(expert.lm) + sum(p.numel() for p in expert.codec.parameters())
     with decode_threads(size, expert.device):
         return _render_stem(expert, context_audio, sample_rate, duration, **kwargs)
 

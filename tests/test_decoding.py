@@ -259,42 +259,17 @@ def test_arranger_and_cli_take_the_same_formats():
     assert result.exit_code != 0 and "int8" in result.output and "int4" in result.output
 
 
-LARGE = 420_000_000  # MusicGen-small size
-SMALL = 3_700_000  # the demo experts
-
-
-@pytest.mark.parametrize("flags,device,n_params,threads,want", [
-    ({"avx512_bf16", "avx512f"}, "cpu", SMALL, 2, "int8"),  # the AMD EPYC of benchmarks/README.md
-    ({"avx512_bf16", "avx512f"}, "cpu", LARGE, 1, "int8"),  # one thread: int8 is 1.59x bf16 per CPU-second
-    ({"avx512_bf16", "avx512f"}, "cpu", LARGE, 2, "bf16"),  # two: the int8 kernel uses one of them
-    ({"amx_bf16", "amx_int8"}, "cpu", SMALL, 1, "int8"),    # an Intel Xeon with AMX
-    ({"amx_bf16", "amx_int8"}, "cpu", LARGE, 4, "bf16"),
-    ({"avx2", "fma"}, "cpu", SMALL, 1, "fp32"),  # bf16 emulated: int8's bf16 activations not measured as a win
-    ({"avx2", "fma"}, "cpu", LARGE, 2, "fp32"),
-    (set(), "meta", SMALL, 1, "fp32"),
+@pytest.mark.parametrize("flags,device,want", [
+    ({"avx512_bf16", "avx512f"}, "cpu", "int8"),   # the AMD EPYC of benchmarks/README.md
+    ({"amx_bf16", "amx_int8"}, "cpu", "int8"),     # an Intel Xeon with AMX
+    ({"avx2", "fma"}, "cpu", "fp32"),              # bf16 emulated: int8's bf16 activations not measured as a win
+    (set(), "meta", "fp32"),
 ])
-def test_auto_format_follows_the_device_cpu_features_size_and_threads(monkeypatch, flags, device, n_params,
-                                                                        threads, want):
+def test_auto_format_follows_the_device_and_cpu_features(monkeypatch, flags, device, want):
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset(flags))
-    assert machine.auto_weight_format(device, n_params, threads) == want
+    assert machine.auto_weight_format(device) == want
     assert resolve_format("auto") == "auto"  # without a device it stays a choice
-    # without a thread count, the one decoding would get: STAGE_STACK_THREADS when it is set
-    monkeypatch.setenv("STAGE_STACK_THREADS", str(threads))
-    assert resolve_format("auto", device, n_params=n_params) == want
-
-
-def test_auto_format_without_a_size_is_the_small_experts_choice(monkeypatch):
-    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    monkeypatch.setenv("STAGE_STACK_THREADS", "2")
-    assert machine.auto_weight_format("cpu") == "int8"
-    assert machine.auto_weight_format("cpu", LARGE) == "bf16"
-    # the thread count chosen from the load average: two idle cores, then two busy ones
-    monkeypatch.delenv("STAGE_STACK_THREADS")
-    monkeypatch.setattr(machine, "load_average", lambda: 0.0)
-    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
-    assert machine.auto_weight_format("cpu", LARGE) == "bf16"
-    monkeypatch.setattr(machine, "load_average", lambda: 1.9)
-    assert machine.auto_weight_format("cpu", LARGE) == "int8"
+    assert resolve_format("auto", device) == want
 
 
 def test_auto_is_the_arranger_default_and_recorded_as_the_format_it_chose(tmp_path, monkeypatch):
@@ -352,6 +327,51 @@ def test_thread_choice_follows_load_size_and_override(monkeypatch):
     monkeypatch.setenv("STAGE_STACK_THREADS", "many")
     with pytest.raises(ValueError, match="STAGE_STACK_THREADS='many'"):
         machine.threads_setting()
+
+
+def test_a_quantized_model_counts_its_matrices_for_the_thread_choice(monkeypatch):
+    from contextlib import contextmanager
+
+    from stage_stack import generation
+    from stage_stack.expert import build_empty
+    from stage_stack.models.quant import replace_linears, weight_count
+
+    # MusicGen-small size on the meta device: by parameters alone, int8 leaves 17.7 M of 420 M
+    big = build_empty(lambda: StageLM(StageLMConfig()))
+    floats = weight_count(big)
+    replace_linears(big, "int8", device="meta")
+    assert sum(p.numel() for p in big.parameters()) < machine.SMALL_MODEL_PARAMS < floats == weight_count(big)
+    assert machine.choose_threads(weight_count(big), load=0.0, cores=2) == 2  # was 1: taken for a small expert
+
+    seen = []
+
+    @contextmanager
+    def spy(n_params, device):
+        seen.append(n_params)
+        yield 1
+
+    monkeypatch.setattr(generation, "decode_threads", spy)
+    lm = sharp_lm()
+    n_float = weight_count(lm)
+    quantize_(lm, "int8")
+    generate(lm, context(), 3, params=GREEDY)
+    assert seen == [n_float] and sum(p.numel() for p in lm.parameters()) < n_float
+
+
+def test_busy_cores_counts_other_processes_now_not_this_one(monkeypatch):
+    # (busy, total) jiffies of all CPUs, and this process's own, at the two reads
+    cpu = iter([(1000, 4000), (1150, 4200)])  # 150 of 200 jiffies busy on 2 cores: 1.5 cores
+    own = iter([500, 550])  # 50 of them were this process
+    monkeypatch.setattr(machine, "_cpu_jiffies", lambda: next(cpu))
+    monkeypatch.setattr(machine, "_own_jiffies", lambda: next(own))
+    assert machine.busy_cores(0.0, cores=2) == pytest.approx(1.0)
+    monkeypatch.setattr(machine, "busy_cores", lambda cores=None: 1.0)
+    assert machine.choose_threads(400_000_000, cores=2) == 1  # one core taken by someone else
+    monkeypatch.setattr(machine, "busy_cores", lambda cores=None: 0.1)
+    monkeypatch.setattr(machine, "load_average", lambda: 1.9)  # this process's last minute: not counted
+    assert machine.choose_threads(400_000_000, cores=2) == 2
+    monkeypatch.setattr(machine, "busy_cores", lambda cores=None: None)  # no /proc/stat: the load average
+    assert machine.choose_threads(400_000_000, cores=2) == 1
 
 
 def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):

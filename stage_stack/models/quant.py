@@ -98,6 +98,16 @@ class Int4Linear(nn.Module):
 QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear}
 
 
+def weight_count(module: nn.Module) -> int:
+    """Parameters of `module`, counting each quantized linear's matrix as its float one would be.
+
+    A quantized matrix is a buffer, not a parameter: counted by parameters alone, an int8
+    MusicGen-small has 17 M (its embeddings and heads) and passes for a small expert.
+    """
+    quantized = [m for m in module.modules() if isinstance(m, tuple(QUANTIZED.values()))]
+    return sum(p.numel() for p in module.parameters()) + sum(m.in_features * m.out_features for m in quantized)
+
+
 def quantizable(name: str) -> bool:
     """The matrices a decoding step streams: every block linear. The embeddings (one row read per
     step) and the heads (their logits are what CFG and the sampler see) stay bfloat16."""
