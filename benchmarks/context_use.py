@@ -10,6 +10,9 @@ codes are the ones the expert learned from:
         runs/demo/tokens/valid-<key> --kind click
     python benchmarks/context_use.py instruments/weights/bass.safetensors runs/demo/tokens/valid-<key>
 
+An expert with its own context codec (`context_codec_config` in its file) reads its contexts from
+a second cache of the same songs built with that codec: pass it as `--context-cache`.
+
 Losses are per target frame, split into the first second of the window (where the stem has no
 past of its own to go on) and the rest.
 """
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("expert", type=Path)
     parser.add_argument("cache", type=Path, help="a token cache folder (with index.json) of held-out songs")
+    parser.add_argument("--context-cache", type=Path, default=None,
+                        help="the same songs' cache built with the expert's context codec (experts that have one)")
     parser.add_argument("--kind", choices=["click", "stems"], default="stems", help="context kind of the pairs")
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--late", type=float, default=CLICK_SHIFT_SECONDS,
@@ -85,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     if expert.lm.config.cross_attention:
         print("note: text conditioning is left empty (null condition)", file=sys.stderr)
     seconds = args.seconds or float(expert.metadata.training.get("max_target_seconds") or 10.0)
+    if (expert.context_codec is not None) != (args.context_cache is not None):
+        raise SystemExit(f"{args.expert}: " + ("this expert hears its context through its own codec: pass the held-out "
+                                               "songs' cache built with it as --context-cache"
+                                               if expert.context_codec is not None else
+                                               "this expert has no context codec: leave out --context-cache"))
     data = TokenPairDataset(args.cache, expert.instrument, segment_seconds=seconds, context_seconds=(seconds, seconds),
                             full_context_prob=1.0, click_prob=1.0 if args.kind == "click" else 0.0,
-                            identity_prob=1.0, samples_per_epoch=args.pairs, seed=args.seed)
+                            identity_prob=1.0, samples_per_epoch=args.pairs, seed=args.seed,
+                            context_cache_dir=args.context_cache)
     pairs = [data[i] for i in range(len(data))]
     layout = TokenLayout.for_config(expert.lm.config)
     shift = max(1, round(args.late * data.frame_rate))
@@ -107,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     right = rows[0]["all"]
     print(f"\nworth (nats/token, loss minus the right context's): late {rows[1]['all'] - right:+.4f}, "
           f"other song {rows[2]['all'] - right:+.4f}, none {rows[3]['all'] - right:+.4f}")
-    payload = {"benchmark": "context_use", "expert": str(args.expert), "cache": str(args.cache), "kind": args.kind,
+    payload = {"benchmark": "context_use", "expert": str(args.expert), "cache": str(args.cache),
+               "context_cache": None if args.context_cache is None else str(args.context_cache), "kind": args.kind,
                "seconds": seconds, "late_seconds": args.late, "pairs": len(pairs), "machine": machine_info(),
                "rows": rows}
     output = args.output or RESULTS / f"context_use_{expert.instrument}_{args.kind}.json"

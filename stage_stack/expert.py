@@ -78,6 +78,10 @@ class ExpertMetadata(BaseModel):
     lm_config: dict[str, Any]
     codec_config: dict[str, Any]
     codec: WeightsRef
+    # A second codec that encodes the context only (embedded, tensors `context_codec.*`); None:
+    # the context goes through `codec` as upstream. Its codes have their own embedding rows
+    # (lm_config.context_card), so it may differ from `codec` in everything but the frame grid.
+    context_codec_config: dict[str, Any] | None = None
     sample_rate: int
     frame_rate: int
     special_tokens: SpecialTokens
@@ -104,10 +108,11 @@ class ExpertMetadata(BaseModel):
         StageLMConfig.from_dict(v)
         return v
 
-    @field_validator("codec_config")
+    @field_validator("codec_config", "context_codec_config")
     @classmethod
-    def _codec(cls, v: dict) -> dict:
-        CodecConfig.from_dict(v)
+    def _codec(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            CodecConfig.from_dict(v)
         return v
 
     @model_validator(mode="after")
@@ -128,6 +133,21 @@ class ExpertMetadata(BaseModel):
                              "the LM could not read every code")
         if self.text_encoder is not None and not lm.cross_attention:
             raise ValueError("text_encoder is set but lm_config.cross_attention is false")
+        context = self.context_codec_cfg
+        if (context is None) != (lm.context_card == 0):
+            raise ValueError(f"lm_config.context_card is {lm.context_card} but context_codec_config is "
+                             f"{'missing' if context is None else 'set'}: set both (a separate context codec) or "
+                             "neither")
+        if context is not None:
+            for name, got, want in (("context_codec_config.sample_rate", context.sample_rate, codec.sample_rate),
+                                    ("context_codec_config.frame_rate", context.frame_rate, codec.frame_rate),
+                                    ("context_codec_config.n_q", context.n_q, lm.n_q)):
+                if got != want:
+                    raise ValueError(f"{name} is {got}, expected {want} (the context is cut on the target's frame "
+                                     "grid and read one code per codebook)")
+            if lm.context_card < context.card:
+                raise ValueError(f"lm_config.context_card is {lm.context_card}, smaller than "
+                                 f"context_codec_config.card {context.card}: the LM could not read every context code")
         return self
 
     @classmethod
@@ -150,6 +170,10 @@ class ExpertMetadata(BaseModel):
     @property
     def codec_cfg(self) -> CodecConfig:
         return CodecConfig.from_dict(self.codec_config)
+
+    @property
+    def context_codec_cfg(self) -> CodecConfig | None:
+        return None if self.context_codec_config is None else CodecConfig.from_dict(self.context_codec_config)
 
     # -- (de)serialisation to safetensors' string -> string header -----------------------------
     def to_header(self) -> dict[str, str]:
@@ -281,8 +305,10 @@ def save_expert(
     lm: StageLM,
     codec: Codec | None = None,
     text_encoder: torch.nn.Module | None = None,
+    context_codec: Codec | None = None,
 ) -> Path:
-    """Write an expert file atomically. `codec` is required when metadata.codec.embedded."""
+    """Write an expert file atomically. `codec` is required when metadata.codec.embedded, and
+    `context_codec` when metadata.context_codec_config is set."""
     from .models.quant import QUANTIZED
 
     if any(isinstance(m, tuple(QUANTIZED.values())) for m in lm.modules()):
@@ -293,6 +319,12 @@ def save_expert(
         if codec is None:
             raise ValueError("metadata.codec.embedded is true: pass the codec to save_expert")
         tensors.update({f"codec.{k}": v for k, v in codec.model.state_dict().items()})
+    if (metadata.context_codec_config is None) != (context_codec is None):
+        raise ValueError("pass context_codec exactly when metadata.context_codec_config is set")
+    if context_codec is not None:
+        if context_codec.config.to_dict() != metadata.context_codec_config:
+            raise ValueError("metadata.context_codec_config does not describe the context codec being saved")
+        tensors.update({f"context_codec.{k}": v for k, v in context_codec.model.state_dict().items()})
     if metadata.text_encoder is not None and metadata.text_encoder.embedded:
         if text_encoder is None:
             raise ValueError("metadata.text_encoder.embedded is true: pass the text encoder to save_expert")
@@ -477,6 +509,12 @@ class Expert:
     sha256: str | None = None
     text: Any = None  # stage_stack.models.text.TextConditioner when the expert uses text
     weight_format: str = "fp32"  # the LM's WeightFormat, as loaded
+    context_codec: Codec | None = None  # encodes the context when the expert has its own (metadata)
+
+    @property
+    def context_encoder(self) -> Codec:
+        """The codec that turns context audio into the codes this expert reads."""
+        return self.codec if self.context_codec is None else self.context_codec
 
     @property
     def instrument(self) -> str:
@@ -528,7 +566,7 @@ def load_expert(
                                  "different version; reinstall it with `stage-stack install`.")
     header, entries = read_header(path)
     metadata = ExpertMetadata.from_header(header, str(path))
-    known_prefixes = ("lm.", "codec.", "text_encoder.")
+    known_prefixes = ("lm.", "codec.", "text_encoder.", "context_codec.")
     stray = sorted(k for k in entries if not k.startswith(known_prefixes))
     if stray:
         raise CheckpointKeyError(str(path), unexpected=stray)
@@ -554,9 +592,19 @@ def load_expert(
         _fill(codec.model, codec_path, "", device, torch.float32)
     codec.eval()
 
+    context_codec = None
+    if metadata.context_codec_cfg is None and any(k.startswith("context_codec.") for k in entries):
+        raise CheckpointKeyError(str(path), unexpected=sorted(k for k in entries if k.startswith("context_codec.")))
+    if metadata.context_codec_cfg is not None:
+        ctx_cfg = metadata.context_codec_cfg
+        context_codec = build_empty(lambda: Codec(ctx_cfg))
+        _check_keys(str(path), entries, "context_codec.", {k: v.shape for k, v in context_codec.model.state_dict().items()})
+        _fill(context_codec.model, path, "context_codec.", device, torch.float32)
+        context_codec.eval()
+
     text = None
     if load_text and metadata.text_encoder is not None:
         from .models.text import load_text_conditioner
 
         text = load_text_conditioner(metadata, path, device)
-    return Expert(metadata, lm, codec, path, digest, text, fmt)
+    return Expert(metadata, lm, codec, path, digest, text, fmt, context_codec)

@@ -12,6 +12,10 @@ holds a real frame that is not PAD inside the context region, so left padding an
 contexts are masked out. `attention_mask` (any codebook valid) is both the key-padding mask
 and the origin of the per-sample positions.
 
+With a separate context codec (`StageLMConfig.context_card` > 0) the context's codes are
+shifted by `context_offset` (= card + 2) in `frames`, into their own embedding rows; PAD stays
+PAD, so the masks are unchanged, and the heads still predict target codes only.
+
 Positions (`TokenLayout.positions`, the LM config's `positions`):
 
     "stage"    pos[s] = s - first valid step of the row        (upstream STAGE)
@@ -61,18 +65,19 @@ class TokenLayout:
     pad: int
     sep: int
     positions: str = "stage"  # one of models.stage_lm.POSITION_MODES
+    context_offset: int = 0  # added to every non-PAD context code (StageLMConfig.context_offset)
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
             raise ValueError(f"TokenLayout.positions must be one of {list(POSITION_MODES)}, got {self.positions!r}")
 
     @classmethod
-    def for_card(cls, card: int, n_q: int, positions: str = "stage") -> "TokenLayout":
-        return cls(n_q=n_q, pad=card, sep=card + 1, positions=positions)
+    def for_card(cls, card: int, n_q: int, positions: str = "stage", context_offset: int = 0) -> "TokenLayout":
+        return cls(n_q=n_q, pad=card, sep=card + 1, positions=positions, context_offset=context_offset)
 
     @classmethod
     def for_config(cls, config: StageLMConfig) -> "TokenLayout":
-        return cls.for_card(config.card, config.n_q, config.positions)
+        return cls.for_card(config.card, config.n_q, config.positions, config.context_offset)
 
     # -- building blocks ----------------------------------------------------------------------
     def left_pad(self, contexts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -116,8 +121,10 @@ class TokenLayout:
         return torch.where(steps >= target_start, steps - target_start, stage)
 
     def frames(self, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """[context | SEP | target] along time."""
+        """[context | SEP | target] along time (context codes shifted by `context_offset`)."""
         B, K, _ = context.shape
+        if self.context_offset:
+            context = torch.where(context == self.pad, context, context + self.context_offset)
         sep = context.new_full((B, K, 1), self.sep)
         return torch.cat([context, sep, target], dim=-1)
 

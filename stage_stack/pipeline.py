@@ -81,10 +81,11 @@ def text_memory_for(expert: Expert, prompt_text: str | None, explicit: bool = Tr
 def _encode(expert: Expert, audio: np.ndarray) -> torch.Tensor:
     """[samples] -> codes [1, n_q, frames]; fewer samples than one frame give an empty context."""
     n_q = expert.lm.config.n_q
-    if audio.shape[-1] < expert.codec.config.hop_length:
+    encoder = expert.context_encoder
+    if audio.shape[-1] < encoder.config.hop_length:
         return torch.zeros(1, n_q, 0, dtype=torch.long, device=expert.device)
     wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None].to(expert.device)
-    return expert.codec.encode(wave)
+    return encoder.encode(wave)
 
 
 def render_stem(
@@ -100,6 +101,8 @@ def render_stem(
     for this expert (one thread for a small one: more threads on busy cores spin-wait).
     """
     size = weight_count(expert.lm) + sum(p.numel() for p in expert.codec.parameters())
+    if expert.context_codec is not None:
+        size += sum(p.numel() for p in expert.context_codec.parameters())
     with decode_threads(size, expert.device):
         return _render_stem(expert, context_audio, sample_rate, duration, **kwargs)
 

@@ -44,6 +44,12 @@ class StageLMConfig:
     # is time-aligned with the target window), so "look at the same moment of the context" is a
     # same-position match instead of an offset the LM must learn (see layout.TokenLayout).
     positions: Literal["stage", "aligned"] = "stage"
+    # 0 (upstream): context and target share one codec and one set of embedding rows. > 0: the
+    # context comes from a second codec with this many codes per codebook (an expert file's
+    # `context_codec`), embedded in rows card + 2 .. card + 2 + context_card - 1 of each table
+    # (layout.TokenLayout shifts them there), so one codec can carry what the expert must hear
+    # and another what it must play.
+    context_card: int = 0
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -52,6 +58,10 @@ class StageLMConfig:
             raise ValueError(f"StageLMConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "context_card":
+                if value < 0:
+                    raise ValueError(f"StageLMConfig.context_card must be 0 (one codec) or positive, got {value}")
+                continue
             if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"StageLMConfig.{f.name} must be positive, got {value}")
 
@@ -71,6 +81,15 @@ class StageLMConfig:
     def input_card(self) -> int:
         # audio codes + PAD + SEP
         return self.card + 2
+
+    @property
+    def context_offset(self) -> int:
+        """What a context code is shifted by in the LM's input: 0 with one codec."""
+        return self.input_card if self.context_card else 0
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.input_card + self.context_card
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,7 +297,7 @@ class StageLM(nn.Module):
     def __init__(self, config: StageLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = nn.ModuleList(nn.Embedding(config.input_card, config.dim) for _ in range(config.n_q))
+        self.embeddings = nn.ModuleList(nn.Embedding(config.embedding_rows, config.dim) for _ in range(config.n_q))
         if config.cross_attention:
             self.text_proj = nn.Linear(config.text_dim, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))

@@ -79,6 +79,10 @@ class FreshModel(_Section):
     init_seed: int = 0
     # StageLMConfig.positions: "aligned" gives target frame t the position of context frame t
     positions: Literal["stage", "aligned"] = "stage"
+    # A second codec file (from `stage-stack train-codec`) that encodes the contexts only: the
+    # expert hears through it and plays through `codec` (StageLMConfig.context_card). None: one
+    # codec, as upstream. It must share `codec`'s sample rate, frame rate and codebook count.
+    context_codec: Path | None = None
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "FreshModel":

@@ -46,6 +46,10 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
         f"| text conditioning | {'T5 cross-attention' if lm.cross_attention else 'none (context only)'} |",
         f"| codec | {codec_info.get('id', 'embedded')}: EnCodec {codec.sample_rate} Hz, {codec.frame_rate} frames/s, "
         f"{codec.n_q} codebooks of {codec.card} |",
+        *([] if metadata.context_codec_cfg is None else [
+            f"| context codec | {training.get('context_codec', {}).get('id', 'embedded')}: the context is heard "
+            f"through this second codec ({metadata.context_codec_cfg.n_q} codebooks of "
+            f"{metadata.context_codec_cfg.card}) |"]),
         f"| format | stage-stack expert v{FORMAT_VERSION} |",
         "",
         "## Training data",
@@ -97,7 +101,7 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
 
 
 def expert_metadata_for(config: TrainConfig, lm: StageLM, codec: Codec, base: ExpertMetadata | None,
-                        training: dict) -> ExpertMetadata:
+                        training: dict, context_codec: Codec | None = None) -> ExpertMetadata:
     """Metadata of the exported expert: the base expert's codec/text references, or an embedded codec."""
     cfg = lm.config
     fields: dict[str, Any] = dict(
@@ -110,6 +114,7 @@ def expert_metadata_for(config: TrainConfig, lm: StageLM, codec: Codec, base: Ex
         description=config.export.description,
         default_prompt=config.export.default_prompt,
         training=training,
+        context_codec_config=None if context_codec is None else context_codec.config.to_dict(),
     )
     metadata = ExpertMetadata.for_models(config.instrument, cfg, codec.config, **fields)
     return metadata.model_copy(update={"model_card": model_card(config, metadata, training)})
@@ -126,10 +131,10 @@ class _StateDict:
 
 
 def export_expert(config: TrainConfig, lm: StageLM, codec: Codec, base: ExpertMetadata | None, training: dict,
-                  text=None, output: str | Path | None = None) -> Path:
+                  text=None, output: str | Path | None = None, context_codec: Codec | None = None) -> Path:
     """Write the expert file (atomically) and its model card `<output>.md`; returns the file's path."""
     output = Path(output or config.export.output)
-    metadata = expert_metadata_for(config, lm, codec, base, training)
+    metadata = expert_metadata_for(config, lm, codec, base, training, context_codec)
     to_save = copy.deepcopy(lm).to("cpu", DTYPES[config.export.dtype])
     to_save.reset_special_rows()  # the PAD rows are zero already; this keeps them exactly zero after a cast
     text_module = None
@@ -139,7 +144,8 @@ def export_expert(config: TrainConfig, lm: StageLM, codec: Codec, base: ExpertMe
         if text is None:
             raise ValueError("the base expert embeds its text encoder: pass `text` to export_expert")
         text_module = _StateDict(encoder_state_dict(text))
-    path = save_expert(output, metadata, to_save, codec.cpu(), text_module)
+    path = save_expert(output, metadata, to_save, codec.cpu(), text_module,
+                       None if context_codec is None else context_codec.cpu())
     output.with_suffix(".md").write_text(metadata.model_card)
     return path
 

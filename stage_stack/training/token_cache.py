@@ -256,6 +256,9 @@ class TokenPair:
     # float32 [segment frames] in [0, 1]: the rise of the target stem's per-frame peak, scaled by
     # the pair's largest rise (its onsets; what `loss.onset_weight` weighs the loss with)
     target_onsets: np.ndarray | None = None
+    # int64 [n_q, segment frames]: the target stem through the context codec, when the pairs
+    # come from two caches (what `dropout.self_context` copies into the context)
+    target_as_context: np.ndarray | None = None
 
 
 class TokenPairDataset:
@@ -266,6 +269,10 @@ class TokenPairDataset:
     stored mix whose stems are all audible in the window, drawn as upstream draws subsets
     (a size uniform in 1..n audible, then a subset of that size) among the mixes stored.
     Songs shorter than one segment are skipped and counted in `skipped`.
+
+    `context_cache_dir`: a cache of the same songs, variants and settings built with a second
+    codec (an expert with a separate context codec): contexts are read from there, targets from
+    `cache_dir`, at the same offsets.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, target_stem: str, segment_seconds: float = 10.0,
@@ -273,7 +280,8 @@ class TokenPairDataset:
                  click_prob: float = 0.5, identity_prob: float = 0.25,
                  split: Literal["all", "train", "valid"] = "all", n_valid: int = 24,
                  samples_per_epoch: int | None = None, silence_threshold: float = 0.01, max_tries: int = 10,
-                 seed: int = 0, source: str | os.PathLike | None = None) -> None:
+                 seed: int = 0, source: str | os.PathLike | None = None,
+                 context_cache_dir: str | os.PathLike | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         self.source = Path(source) if source is not None else None  # the songs folder the cache was built from
         self.index = TokenCacheIndex.load(self.cache_dir)
@@ -302,8 +310,30 @@ class TokenPairDataset:
                                    f"the right folder (token cache: {self.cache_dir})")
             raise DatasetError(f"{self.cache_dir}: no cached songs with a '{target_stem}' stem for split '{split}'")
         self.songs = [sorted(by_song[s], key=lambda e: e.variant) for s in songs]
+        self.context_cache_dir = None if context_cache_dir is None else Path(context_cache_dir)
+        if self.context_cache_dir is not None:
+            self._check_context_cache(TokenCacheIndex.load(self.context_cache_dir))
         self.samples_per_epoch = samples_per_epoch or len(self.songs)
         self._bad: set[str] = set()
+
+    def _check_context_cache(self, other: TokenCacheIndex) -> None:
+        """The context cache must hold every used variant with the same augmentation and length."""
+        theirs = {(e.song_id, e.variant): e for e in other.entries}
+        if other.frame_rate != self.frame_rate or other.n_q != self.index.n_q:
+            raise DatasetError(f"{self.context_cache_dir}: the context cache has {other.frame_rate} frames/s and "
+                               f"{other.n_q} codebooks, the target cache ({self.cache_dir}) {self.frame_rate} and "
+                               f"{self.index.n_q}: the two codecs must share the frame grid")
+        for variants in self.songs:
+            for e in variants:
+                t = theirs.get((e.song_id, e.variant))
+                same = t is not None and (t.speed, t.pitch, t.n_frames, t.mixes) == (e.speed, e.pitch, e.n_frames,
+                                                                                      e.mixes)
+                if not same:
+                    what = "is missing" if t is None else (f"differs (speed {t.speed}/{e.speed}, pitch {t.pitch}/"
+                                                           f"{e.pitch}, frames {t.n_frames}/{e.n_frames})")
+                    raise DatasetError(f"{self.context_cache_dir}: song {e.song_id} variant {e.variant} {what} in the "
+                                       f"context cache, against {self.cache_dir}. Build both caches from the same "
+                                       "songs with the same data settings (variants, speed, pitch, mixes)")
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -344,13 +374,17 @@ class TokenPairDataset:
                           f"({self.segment_frames})")
         try:
             with safe_open(str(path), framework="numpy") as f:
-                return self._pair_from(entry, f, rng)
+                if self.context_cache_dir is None:
+                    return self._pair_from(entry, f, rng)
+                with safe_open(str(self.context_cache_dir / entry.file), framework="numpy") as g:
+                    return self._pair_from(entry, f, rng, g)
         except BadSong:
             raise
         except Exception as e:  # missing or corrupt file: the song is unusable, the epoch goes on
             raise BadSong("unreadable", f"{path}: cannot read cached codes ({e}); rerun pretokenize") from None
 
-    def _pair_from(self, entry: CacheEntry, f, rng: np.random.Generator) -> TokenPair:
+    def _pair_from(self, entry: CacheEntry, f, rng: np.random.Generator, context_file=None) -> TokenPair:
+        """A pair from one variant's file `f`; the context's codes from `context_file` when given."""
         T = self.segment_frames
         row = entry.stems.index(self.target_stem)
         others = [s for s in entry.stems if s != self.target_stem]
@@ -377,12 +411,16 @@ class TokenPairDataset:
             key = mix_name(chosen)
         lo, hi = self.context_frames
         length = T if rng.random() < self.full_context_prob else int(rng.integers(lo, hi + 1))
-        context = f.get_slice(f"codes.{key}")[:, offset : offset + length].astype(np.int64)
+        heard = f if context_file is None else context_file
+        context = heard.get_slice(f"codes.{key}")[:, offset : offset + length].astype(np.int64)
         target = f.get_slice(f"codes.{self.target_stem}")[:, offset : offset + T].astype(np.int64)
+        as_context = None
+        if context_file is not None:
+            as_context = context_file.get_slice(f"codes.{self.target_stem}")[:, offset : offset + T].astype(np.int64)
         info = PairInfo(entry.song_id, offset / self.frame_rate, entry.speed, entry.pitch,
                         "click" if use_click else "stems", tuple(chosen), length / self.frame_rate, entry.variant)
         return TokenPair(context, target, entry.description, self.frame_rate, info,
-                         onset_strength(peaks[row], offset, T))
+                         onset_strength(peaks[row], offset, T), as_context)
 
 
 def onset_strength(peaks: np.ndarray, offset: int, n_frames: int) -> np.ndarray:
@@ -405,4 +443,6 @@ def collate_token_pairs(pairs: list[TokenPair]) -> dict:
         "info": [p.info for p in pairs],
         "target_onsets": (torch.stack([torch.from_numpy(p.target_onsets) for p in pairs])
                           if all(p.target_onsets is not None for p in pairs) else None),
+        "target_as_context": (torch.stack([torch.from_numpy(p.target_as_context) for p in pairs])
+                              if all(p.target_as_context is not None for p in pairs) else None),
     }

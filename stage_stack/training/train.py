@@ -65,6 +65,8 @@ class Base:
     text: object | None = None  # models.text.TextConditioner when the LM uses text
     codec_info: dict = field(default_factory=dict)  # codec id and metrics, for the model card
     source: str = ""
+    context_codec: Codec | None = None  # encodes the contexts when the expert has its own
+    context_codec_info: dict = field(default_factory=dict)
 
 
 def load_base(config: TrainConfig) -> Base:
@@ -77,19 +79,37 @@ def load_base(config: TrainConfig) -> Base:
         if lm_cfg.cross_attention and expert.text is None:
             raise StageStackError(f"{spec.expert}: the LM uses text cross-attention but its text encoder was not "
                                   "found; install it (see `stage-stack install`) before training")
-        return Base(expert.lm.train(), expert.codec, expert.metadata, expert.text, info, str(spec.expert))
+        context_info = expert.metadata.training.get("context_codec", {})
+        return Base(expert.lm.train(), expert.codec, expert.metadata, expert.text, info, str(spec.expert),
+                    expert.context_codec, context_info)
 
     from .codec_train import load_codec_file
 
     fresh = spec.fresh
     codec, codec_training = load_codec_file(fresh.codec)
+
+    def describe(path: Path, training: dict) -> dict:
+        return {"id": training.get("config", {}).get("id", Path(path).stem), "metrics": training.get("metrics", {}),
+                "file": str(path)}
+
+    context_codec, context_info = None, {}
+    if fresh.context_codec is not None:
+        context_codec, context_training = load_codec_file(fresh.context_codec)
+        context_info = describe(fresh.context_codec, context_training)
+        mine, theirs = codec.config, context_codec.config
+        for name in ("sample_rate", "frame_rate", "n_q"):
+            if getattr(mine, name) != getattr(theirs, name):
+                raise TrainingConfigError(
+                    f"base.fresh.context_codec ({fresh.context_codec}) has {name} {getattr(theirs, name)}, but "
+                    f"base.fresh.codec ({fresh.codec}) has {getattr(mine, name)}: the two codecs must share the "
+                    "sample rate, frame rate and number of codebooks")
     lm_cfg = StageLMConfig(dim=fresh.dim, n_layers=fresh.n_layers, n_heads=fresh.n_heads, ffn_dim=fresh.ffn_dim,
                            card=codec.config.card, n_q=codec.config.n_q, cross_attention=False,
-                           positions=fresh.positions)
+                           positions=fresh.positions,
+                           context_card=0 if context_codec is None else context_codec.config.card)
     lm = init_weights(StageLM(lm_cfg), seed=fresh.init_seed).train()
-    info = {"id": codec_training.get("config", {}).get("id", Path(fresh.codec).stem),
-            "metrics": codec_training.get("metrics", {}), "file": str(fresh.codec)}
-    return Base(lm, codec, None, None, info, f"fresh {lm_cfg}")
+    return Base(lm, codec, None, None, describe(fresh.codec, codec_training), f"fresh {lm_cfg}", context_codec,
+                context_info)
 
 
 def codec_fingerprint(codec: Codec) -> str:
@@ -126,35 +146,45 @@ def cache_dirs(config: TrainConfig, codec: Codec) -> tuple[Path, Path | None]:
 
 
 def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait: Callable[[], None] = lambda: None,
-                   progress: bool = False):
-    """Write the synthetic songs if configured, pre-tokenize (main process), then the pair datasets."""
+                   progress: bool = False, context_codec: Codec | None = None):
+    """Write the synthetic songs if configured, pre-tokenize (main process), then the pair datasets.
+
+    With a `context_codec` the songs are pre-tokenized with both codecs (each into its own
+    cache) and the pairs take their contexts from the context codec's cache.
+    """
     from .token_cache import TokenPairDataset, pretokenize
 
     d = config.data
     train_dir, valid_dir = cache_dirs(config, codec)
+    ctx_train_dir, ctx_valid_dir = cache_dirs(config, context_codec) if context_codec is not None else (None, None)
     if is_main:
         for root, synth in ((d.root, d.synth), (d.valid_root, d.valid_synth)):
             if root is not None and synth is not None:
                 synth.ensure(root)
-        codec.eval()
-        pretokenize(d.root, codec, train_dir, variants=d.variants, speed=d.speed, pitch=d.pitch,
-                    max_mixes_per_target=d.max_mixes_per_target, progress=progress)
-        if valid_dir is not None:
-            pretokenize(d.valid_root, codec, valid_dir, variants=1, max_mixes_per_target=d.max_mixes_per_target,
-                        progress=progress)
+        for c, t_dir, v_dir in ((codec, train_dir, valid_dir), (context_codec, ctx_train_dir, ctx_valid_dir)):
+            if c is None:
+                continue
+            c.eval()
+            pretokenize(d.root, c, t_dir, variants=d.variants, speed=d.speed, pitch=d.pitch,
+                        max_mixes_per_target=d.max_mixes_per_target, progress=progress)
+            if v_dir is not None:
+                pretokenize(d.valid_root, c, v_dir, variants=1, max_mixes_per_target=d.max_mixes_per_target,
+                            progress=progress)
     wait()
     pair_args = dict(target_stem=d.target_stem, segment_seconds=d.segment_seconds, context_seconds=d.context_seconds,
                      full_context_prob=d.full_context_prob, click_prob=d.click_prob)
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
-                                 seed=config.seed, source=d.root, **pair_args)
+                                 seed=config.seed, source=d.root, context_cache_dir=ctx_train_dir, **pair_args)
         valid = TokenPairDataset(train_dir, split="valid", n_valid=d.n_valid, identity_prob=1.0,
-                                 samples_per_epoch=d.valid_samples, seed=config.seed + 1, source=d.root, **pair_args)
+                                 samples_per_epoch=d.valid_samples, seed=config.seed + 1, source=d.root,
+                                 context_cache_dir=ctx_train_dir, **pair_args)
     else:
         train = TokenPairDataset(train_dir, split="all", identity_prob=d.identity_prob, seed=config.seed,
-                                 source=d.root, **pair_args)
+                                 source=d.root, context_cache_dir=ctx_train_dir, **pair_args)
         valid = TokenPairDataset(valid_dir, split="all", identity_prob=1.0, samples_per_epoch=d.valid_samples,
-                                 seed=config.seed + 1, source=d.valid_root, **pair_args)
+                                 seed=config.seed + 1, source=d.valid_root, context_cache_dir=ctx_valid_dir,
+                                 **pair_args)
     return train, valid
 
 
@@ -215,14 +245,20 @@ def zero_pad_row_grads(lm: StageLM) -> None:
         emb.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([pad], device=g.device), 0.0))
 
 
-def check_resumable(state: dict, config: TrainConfig, codes_fingerprint: str) -> None:
+def check_resumable(state: dict, config: TrainConfig, codes_fingerprint: str,
+                    context_fingerprint: str | None = None) -> None:
     """Refuse to continue a checkpoint with a config or codec that would train something else."""
     check_resume_compatible(state["config"], config, RESUME_KEYS, Path(config.run_dir))
-    if state["codec_fingerprint"] != codes_fingerprint:
-        source = config.base.expert or config.base.fresh.codec
-        raise TrainingConfigError(
-            f"{config.run_dir}: cannot resume: the codec ({source}) encodes differently from the one this run was "
-            "trained with. Point the config at that codec again (a codec whose decoder alone was retrained is fine).")
+    fresh = config.base.fresh
+    for field_name, saved, now, source in (
+            ("codec", state["codec_fingerprint"], codes_fingerprint, config.base.expert or (fresh and fresh.codec)),
+            ("context codec", state.get("context_codec_fingerprint"), context_fingerprint,
+             config.base.expert or (fresh and fresh.context_codec))):
+        if saved != now:
+            raise TrainingConfigError(
+                f"{config.run_dir}: cannot resume: the {field_name} ({source}) encodes differently from the one this "
+                "run was trained with (or one of the two runs has none). Point the config at that codec again (a "
+                "codec whose decoder alone was retrained is fine).")
 
 
 # -- the trainer -------------------------------------------------------------------------------
@@ -241,6 +277,7 @@ class Trainer:
         self.layout = TokenLayout.for_config(cfg)
         self.use_text = cfg.cross_attention and base.text is not None
         self.codes_fingerprint = codec_fingerprint(base.codec)
+        self.context_fingerprint = None if base.context_codec is None else codec_fingerprint(base.context_codec)
         zero_pad_row_grads(self.lm)
         o = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.lm), lr=o.lr, betas=o.betas, eps=o.eps,
@@ -261,10 +298,11 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "position": self.position, "history": self.history, "elapsed": self.elapsed,
                 "rng": rng_state(), "codec_fingerprint": self.codes_fingerprint,
+                "context_codec_fingerprint": self.context_fingerprint,
                 "config": self.config.model_dump(mode="json")}
 
     def load_state(self, state: dict) -> None:
-        check_resumable(state, self.config, self.codes_fingerprint)
+        check_resumable(state, self.config, self.codes_fingerprint, self.context_fingerprint)
         self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -332,7 +370,9 @@ class Trainer:
         if dropout.history:
             history = (torch.rand(B, generator=self._generator(micro, 3)) < dropout.history).to(device)
         if dropout.self_context:
-            target = batch["target"].to(device)
+            # with a context codec, the copy is the target stem through that codec
+            target = batch.get("target_as_context")
+            target = (batch["target"] if target is None else target).to(device)
             copy = torch.rand(B, generator=self._generator(micro, 4)) < dropout.self_context
             context = [target[i, :, : c.shape[-1]] if copy[i] else c for i, c in enumerate(context)]
         return context, drop.to(device), history
@@ -501,10 +541,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
     state = None
     if found is not None:  # check before any pre-tokenization work
         state = load_checkpoint(found, "cpu")
-        check_resumable(state, config, codec_fingerprint(base.codec))
+        check_resumable(state, config, codec_fingerprint(base.codec),
+                        None if base.context_codec is None else codec_fingerprint(base.context_codec))
     base.codec.to(accelerator.device)  # pre-tokenization runs on the training device
+    if base.context_codec is not None:
+        base.context_codec.to(accelerator.device)
     train_data, valid_data = build_datasets(config, base.codec, accelerator.is_main_process,
-                                            accelerator.wait_for_everyone, progress=progress)
+                                            accelerator.wait_for_everyone, progress=progress,
+                                            context_codec=base.context_codec)
     trainer = Trainer(config, base, train_data, valid_data, accelerator)
     if state is not None:
         trainer.load_state(state)
@@ -596,6 +640,7 @@ def export_run(config: TrainConfig, trainer: Trainer, base: Base, seconds: float
         "max_target_seconds": d.segment_seconds,
         "metrics": metrics,
         "codec": base.codec_info,
+        **({"context_codec": base.context_codec_info} if base.context_codec is not None else {}),
         "base_file": base.source,
         "data": {"source": str(d.root) + (f" (synthetic band, seed {d.synth.seed})" if d.synth else ""),
                  "train_songs": len(trainer.train_data.songs), "valid_songs": len(trainer.valid_data.songs),
@@ -603,5 +648,6 @@ def export_run(config: TrainConfig, trainer: Trainer, base: Base, seconds: float
         "config": config.model_dump(mode="json"),
         "command": command or "stage-stack train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     }
-    path = export_expert(config, lm, base.codec, base.metadata, training, base.text)
+    path = export_expert(config, lm, base.codec, base.metadata, training, base.text,
+                         context_codec=base.context_codec)
     return path, metrics
