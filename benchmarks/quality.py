@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, write_json  # noqa: E402
 
-from stage_stack.evaluation import BEAT_TRIM_SECONDS, EVAL_SEED_BASE, EvalSettings, evaluate  # noqa: E402
+from stage_stack.evaluation import (BEAT_TRIM_SECONDS, CONTEXT_SOURCES, EVAL_SEED_BASE, EvalSettings,  # noqa: E402
+                                   EvaluationError, evaluate)
 from stage_stack.instruments import WEIGHTS_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trim", type=float, default=BEAT_TRIM_SECONDS, help="beats before this are not scored")
     parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="song i has seed SEED_BASE + i")
     parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: the reference's 1)")
+    parser.add_argument("--top-k", type=int, default=250, help="sample from the k likeliest codes (default: the reference's 250; 0 = all)")
     for name in ("drums", "bass", "keys"):
         parser.add_argument(f"--{name}", type=Path, default=None,
                             help=f"{name} expert (default: the bundled {WEIGHTS_DIR.name}/{name}.safetensors)")
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
                         help="evaluate only these instruments, e.g. drums or drums,bass (default: all three)")
     parser.add_argument("--no-drums-in-context", action="store_true", help="score drums from a click only")
+    parser.add_argument("--context-source", choices=CONTEXT_SOURCES, default="song",
+                        help="control for the in-context tasks: generate over the song's own stems (default), "
+                             "the next held-out song's, or silence; the gap is what listening is worth")
+    parser.add_argument("--context-stems", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+                        default=None, help="the in-context tasks hear only these stems, e.g. keys "
+                                           "(default: every stem but the target's)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['tempos']} songs of {QUICK['duration']:g} s")
     parser.add_argument("--tiny", action="store_true", help="random tiny experts: checks the script, scores are noise")
     parser.add_argument("--dtype", default="fp32",
@@ -104,12 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown instrument(s) {', '.join(unknown)}; expected drums, bass or keys")
     torch.set_num_threads(args.threads)
-    settings = EvalSettings(
-        n_tempos=args.tempos or (QUICK["tempos"] if args.quick else 20),
-        duration=args.duration or (QUICK["duration"] if args.quick else 10.0),
-        seed_base=args.seed_base, trim_seconds=args.trim, cfg_coef=args.cfg,
-        drums_in_context=not args.no_drums_in_context, dtype=args.dtype,
-    )
+    try:
+        settings = EvalSettings(
+            n_tempos=args.tempos or (QUICK["tempos"] if args.quick else 20),
+            duration=args.duration or (QUICK["duration"] if args.quick else 10.0),
+            seed_base=args.seed_base, trim_seconds=args.trim, cfg_coef=args.cfg,
+            temperature=args.temperature, top_k=args.top_k,
+            context_source=args.context_source, context_stems=args.context_stems,
+            drums_in_context=not args.no_drums_in_context, dtype=args.dtype,
+        )
+    except EvaluationError as error:
+        parser.error(str(error))
     machine = machine_info()
     print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({args.threads} thread(s)), "
           f"load {machine['load_average_1_5_15min']}")

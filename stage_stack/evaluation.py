@@ -145,10 +145,32 @@ def click_context(song: Song) -> np.ndarray:
     return click_track(song.metadata.beats, song.metadata.downbeats, song.sample_rate, n)
 
 
-def stems_context(song: Song, target: str) -> tuple[np.ndarray, str]:
-    """(sum of the song's stems other than `target`, their names joined with '+')."""
-    others = [s for s in STEMS if s != target]
+def stems_context(song: Song, target: str, stems: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+    """(sum of the song's stems other than `target`, or of `stems`, their names joined with '+')."""
+    others = [s for s in STEMS if s != target] if stems is None else list(stems)
     return np.sum([song.stems[s] for s in others], axis=0).astype(np.float32), "+".join(others)
+
+
+# What an in-context task hears instead of its own song's stems: the controls that tell how much
+# of a score comes from listening (`EvalSettings.context_source`).
+CONTEXT_SOURCES = ("song", "other-song", "silence")
+
+
+def control_context(songs: Sequence[Song], index: int, target: str, source: str,
+                    stems: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+    """The context song `index` is generated over: its own stems, the next held-out song's (other
+    key, chords and tempo; cut or zero-padded to this song's length), or silence."""
+    audio, name = stems_context(songs[index], target, stems)
+    if source == "song":
+        return audio, name
+    if source == "silence":
+        return np.zeros_like(audio), "silence"
+    if source == "other-song":
+        other = stems_context(songs[(index + 1) % len(songs)], target, stems)[0][: audio.size]
+        out = np.zeros_like(audio)
+        out[: other.size] = other
+        return out, f"another song's {name}"
+    raise EvaluationError(f"context_source must be one of {', '.join(CONTEXT_SOURCES)}, got {source!r}")
 
 
 # -- beats ------------------------------------------------------------------------------------
@@ -318,13 +340,28 @@ class EvalSettings:
     duration: float = 10.0  # seconds generated per song
     seed_base: int = EVAL_SEED_BASE  # song i has seed seed_base + i; its generation seed is the same
     trim_seconds: float = BEAT_TRIM_SECONDS
-    cfg_coef: float = 3.0  # the other sampling settings are the reference's defaults
+    cfg_coef: float = 3.0
+    # The reference's defaults (generation.SamplingParams); a lever to measure, not a tuned value.
+    temperature: float = 1.0
+    top_k: int = 250
     drums_in_context: bool = True  # also generate drums on the other stems (rhythmic F1)
     # The experts' weight format. fp32, not the Arranger's "auto", so that scores compare across
     # machines (auto is int8 on some CPUs and fp32 on others); quality.py --dtype auto scores what users get.
     dtype: str = "fp32"
+    # Controls for the in-context tasks: whose stems they hear (CONTEXT_SOURCES) and which of
+    # them (None: every stem but the target's; held-out songs have drums, bass, keys and lead).
+    context_source: str = "song"
+    context_stems: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.context_source not in CONTEXT_SOURCES:
+            raise EvaluationError(f"context_source must be one of {', '.join(CONTEXT_SOURCES)}, "
+                                  f"got {self.context_source!r}")
+        if self.context_stems is not None:
+            unknown = sorted(set(self.context_stems) - set(STEMS))
+            if unknown or not self.context_stems:
+                raise EvaluationError(f"context_stems must name stems of the held-out songs ({', '.join(STEMS)}), "
+                                      f"got {list(self.context_stems)}")
         if self.n_tempos < 1:
             raise EvaluationError(f"the number of tempos must be >= 1, got {self.n_tempos}")
         # A beat every 0.75 s at 80 BPM: ask for two of them after the trim.
@@ -333,6 +370,10 @@ class EvalSettings:
                                   f"({self.trim_seconds} s), so every song keeps beats to score")
         if self.trim_seconds < 0:
             raise EvaluationError(f"trim_seconds must be >= 0, got {self.trim_seconds}")
+        if self.temperature <= 0:
+            raise EvaluationError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise EvaluationError(f"top_k must be >= 0 (0 = sample from every code), got {self.top_k}")
 
 
 SOURCES = ("generated", "real", "real_coded")
@@ -490,7 +531,8 @@ class _Protocol:
         self.settings = settings
         self.progress = progress
         self.audio_dir = audio_dir
-        self.params = SamplingParams(cfg_coef=settings.cfg_coef)
+        self.params = SamplingParams(cfg_coef=settings.cfg_coef, temperature=settings.temperature,
+                                     top_k=settings.top_k)
         self._songs: dict[int, list[Song]] = {}
         self._references: dict[tuple, StemScore] = {}
 
@@ -523,7 +565,12 @@ class _Protocol:
         instrument = expert.instrument
         arranger = Arranger(experts={instrument: expert}, device_map=str(expert.device))
         songs = self.songs(expert.sample_rate)
-        context_name = "click" if from_click else stems_context(songs[0], instrument)[1]
+        stems = self.settings.context_stems
+        if stems is not None and instrument in stems:
+            raise EvaluationError(f"context_stems {list(stems)} include the {instrument!r} stem the expert must "
+                                  f"generate; leave it out")
+        source = self.settings.context_source
+        context_name = "click" if from_click else control_context(songs, 0, instrument, source, stems)[1]
         result = TaskResult(name, instrument, str(expert.path), context_name,
                             "beat F1" if from_click else "rhythmic F1")
         for i, song in enumerate(songs):
@@ -533,7 +580,8 @@ class _Protocol:
                 arranged = arranger.arrange([layer], None, bpm=song.metadata.bpm, duration=self.settings.duration,
                                             seed=song.metadata.seed)
             else:
-                arranged = arranger.arrange([layer], stems_context(song, instrument)[0], click="none",
+                arranged = arranger.arrange([layer], control_context(songs, i, instrument, source, stems)[0],
+                                            click="none",
                                             context_sample_rate=song.sample_rate, duration=self.settings.duration,
                                             seed=song.metadata.seed)
             audio = arranged.stems[instrument]
@@ -615,8 +663,14 @@ def evaluate(experts: Sequence[str | Path], ablation_drums: str | Path | None = 
     if ABLATION in by_name:
         comparison = paired_comparison([s.generated.f1 for s in by_name[FROM_CLICK].songs],
                                        [s.generated.f1 for s in by_name[ABLATION].songs])
+    control = settings.context_source != "song" or settings.context_stems is not None
+
     def at_least(description: str, task: str, metric: str, threshold: float) -> Target:
         value = by_name[task].mean(metric) if task in by_name else None
+        if control and task != FROM_CLICK:
+            # a control context measures what listening is worth, not the target's task
+            return Target(f"{description} (control: {by_name[task].context if task in by_name else '-'})",
+                          value, f">= {threshold}", None)
         return Target(description, value, f">= {threshold}", None if value is None else value >= threshold)
 
     targets = [

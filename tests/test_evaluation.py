@@ -315,6 +315,19 @@ def test_settings_need_beats_after_the_trim():
         EvalSettings(n_tempos=0)
 
 
+def test_sampling_settings_reach_the_generation_params():
+    from stage_stack.evaluation import _Protocol
+    from stage_stack.generation import SamplingParams
+
+    assert _Protocol(EvalSettings(), None, None).params == SamplingParams(cfg_coef=3.0)
+    params = _Protocol(EvalSettings(cfg_coef=2.0, temperature=0.7, top_k=10), None, None).params
+    assert (params.cfg_coef, params.temperature, params.top_k) == (2.0, 0.7, 10)
+    with pytest.raises(EvaluationError, match="temperature must be > 0, got 0"):
+        EvalSettings(temperature=0)
+    with pytest.raises(EvaluationError, match="top_k must be >= 0"):
+        EvalSettings(top_k=-1)
+
+
 @pytest.mark.slow
 def test_eval_command_prints_the_table_and_writes_json(tiny_experts, tmp_path):
     out = tmp_path / "results" / "quality.json"
@@ -335,3 +348,51 @@ def test_eval_command_errors_name_the_problem(tiny_experts, tmp_path):
     assert result.exit_code != 0 and "must be at least 1.5 s longer than the beat trim" in result.output
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "missing.safetensors")])
     assert result.exit_code != 0 and "does not exist" in result.output
+    result = CliRunner().invoke(cli, ["eval", str(tiny_experts["bass"]), "--context-stems", "piano", "--no-progress"])
+    assert result.exit_code != 0 and "context_stems must name stems of the held-out songs" in result.output
+
+
+@pytest.mark.slow
+def test_eval_command_runs_a_control(tiny_experts):
+    result = CliRunner().invoke(cli, ["eval", str(tiny_experts["bass"]), "--tempos", "1", "--duration", "2.5",
+                                      "--trim", "1", "--context-stems", "keys", "--top-k", "5", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "| bass | keys | 1 | rhythmic F1 |" in result.output and "(control: keys)" in result.output
+
+
+# -- control contexts -------------------------------------------------------------------------
+
+def test_control_contexts_are_the_next_song_or_silence_and_name_themselves():
+    from stage_stack.evaluation import control_context, stems_context
+
+    two = held_out_songs(2, 2.5, SR)
+    own, name = control_context(two, 0, "bass", "song")
+    np.testing.assert_array_equal(own, stems_context(two[0], "bass")[0])
+    assert name == "drums+keys+lead"
+    other, other_name = control_context(two, 0, "bass", "other-song")
+    assert other.shape == own.shape and other_name == "another song's drums+keys+lead"
+    np.testing.assert_array_equal(other, stems_context(two[1], "bass")[0][: own.size])
+    assert not np.allclose(other, own)
+    silence, silence_name = control_context(two, 1, "bass", "silence")
+    assert silence_name == "silence" and silence.shape == own.shape and not silence.any()
+    keys, keys_name = control_context(two, 0, "bass", "song", stems=("keys",))
+    np.testing.assert_array_equal(keys, two[0].stems["keys"].astype(np.float32))
+    assert keys_name == "keys"
+
+    with pytest.raises(EvaluationError, match="context_source must be one of song, other-song, silence, got 'mix'"):
+        EvalSettings(context_source="mix")
+    with pytest.raises(EvaluationError, match=r"context_stems must name stems .* got \['piano'\]"):
+        EvalSettings(context_stems=("piano",))
+
+
+@pytest.mark.slow
+def test_a_control_run_reports_its_context_and_claims_no_target(tiny_experts):
+    from dataclasses import replace
+
+    with pytest.raises(EvaluationError, match="include the 'bass' stem the expert must generate"):
+        evaluate([tiny_experts["bass"]], settings=replace(QUICK, context_stems=("bass", "keys")))
+    report = evaluate([tiny_experts["bass"]], settings=replace(QUICK, context_source="silence"))
+    assert report.task("bass").context == "silence"
+    bass_target = next(t for t in report.targets if t.description.startswith("bass in context"))
+    assert bass_target.met is None and "(control: silence)" in bass_target.description
+    assert bass_target.value == report.task("bass").mean("chord_tone_share")

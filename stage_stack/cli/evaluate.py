@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..evaluation import BEAT_TRIM_SECONDS, EVAL_SEED_BASE
+from ..evaluation import BEAT_TRIM_SECONDS, CONTEXT_SOURCES, EVAL_SEED_BASE
 from . import cli
 
 DEFAULT_INSTRUMENTS = ("drums", "bass", "keys")
@@ -56,7 +56,15 @@ def _bundled_experts() -> list[Path]:
 @click.option("--seed-base", type=int, default=EVAL_SEED_BASE, show_default=True,
               help="Song i has seed SEED_BASE + i; keep it clear of the training songs' seeds.")
 @click.option("--cfg", "cfg_coef", type=float, default=3.0, show_default=True, help="Classifier-free guidance.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature.")
+@click.option("--top-k", type=click.IntRange(min=0), default=250, show_default=True,
+              help="Sample from the k likeliest codes (0: all).")
 @click.option("--no-drums-in-context", is_flag=True, help="Score drums from a click only.")
+@click.option("--context-source", type=click.Choice(CONTEXT_SOURCES), default="song", show_default=True,
+              help="Control for the in-context tasks: the song's own stems, the next held-out song's, or "
+                   "silence (a control run claims no target).")
+@click.option("--context-stems", help="The in-context tasks hear only these stems, comma-separated (e.g. keys).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full report (per-song scores) as JSON here.")
 @click.option("--audio-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -65,8 +73,8 @@ def _bundled_experts() -> list[Path]:
               help="torch threads (more than one thread on busy cores is slower).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def eval_command(experts: tuple[Path, ...], ablation_drums: Path | None, n_tempos: int, duration: float,
-                 trim_seconds: float, seed_base: int, cfg_coef: float, no_drums_in_context: bool,
-                 json_path: Path | None, audio_dir: Path | None, threads: int, no_progress: bool) -> None:
+                 trim_seconds: float, seed_base: int, cfg_coef: float, temperature: float, top_k: int,
+                 no_drums_in_context: bool, context_source: str, context_stems: str | None, json_path: Path | None, audio_dir: Path | None, threads: int, no_progress: bool) -> None:
     """Score experts on held-out synthetic songs: beat F1 from a click, rhythmic F1, chord tones.
 
     EXPERTS are expert files (drums, bass, keys or lead; each is scored by its instrument).
@@ -81,7 +89,10 @@ def eval_command(experts: tuple[Path, ...], ablation_drums: Path | None, n_tempo
     torch.set_num_threads(threads)
     try:
         settings = EvalSettings(n_tempos=n_tempos, duration=duration, seed_base=seed_base, trim_seconds=trim_seconds,
-                                cfg_coef=cfg_coef, drums_in_context=not no_drums_in_context)
+                                cfg_coef=cfg_coef, temperature=temperature, top_k=top_k,
+                                drums_in_context=not no_drums_in_context, context_source=context_source,
+                                context_stems=None if context_stems is None else
+                                tuple(x.strip() for x in context_stems.split(",") if x.strip()))
         report = evaluate(list(experts) or _bundled_experts(), ablation_drums=ablation_drums, settings=settings,
                           progress=_Progress(not no_progress), audio_dir=audio_dir)
     except StageStackError as e:
