@@ -105,6 +105,21 @@ def test_identity_prob_picks_the_plain_variant(cache):
     assert {TokenPairDataset(out, "bass", identity_prob=0.0, **kwargs)[i].info.variant for i in range(10)} == {1}
 
 
+def test_all_stems_prob_hears_the_densest_mix_and_zero_is_upstreams_draw(cache):
+    _, out, _ = cache
+    kwargs = dict(segment_seconds=2.0, context_seconds=(1.0, 2.0), samples_per_epoch=40, click_prob=0.0, seed=3)
+    upstream = [TokenPairDataset(out, "bass", **kwargs)[i].info for i in range(40)]
+    # 0 draws nothing extra: the pairs are exactly upstream's
+    assert [TokenPairDataset(out, "bass", all_stems_prob=0.0, **kwargs)[i].info for i in range(40)] == upstream
+    assert {info.context_stems for info in upstream} >= {("drums",), ("keys",), ("drums", "keys")}
+    dense = [TokenPairDataset(out, "bass", all_stems_prob=1.0, **kwargs)[i].info for i in range(40)]
+    # every pair whose window has both other stems audible hears both; the target stays the same
+    assert {info.context_stems for info in dense} == {("drums", "keys")}
+    assert all(d.context_kind == "stems" for d in dense)
+    with pytest.raises(ValueError, match=r"all_stems_prob must be in \[0, 1\], got 1.5"):
+        TokenPairDataset(out, "bass", all_stems_prob=1.5, **kwargs)
+
+
 def test_batches_feed_the_token_layout(cache):
     _, out, _ = cache
     ds = TokenPairDataset(out, "bass", segment_seconds=2.0, context_seconds=(1.0, 2.0), samples_per_epoch=4)

@@ -556,3 +556,20 @@ def test_bf16_training_ratio_is_a_positive_ratio():
 
     ratio = bf16_training_ratio(32, rows=64)
     assert 0 < ratio < 1000 and bf16_training_ratio(32, rows=64) == ratio  # cached per process
+
+
+def test_the_card_says_when_contexts_favour_the_densest_mix():
+    from stage_stack.instruments import WEIGHTS_DIR
+    from stage_stack.training.export import model_card
+
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(repo / "configs" / "demo-bass.yaml", TrainConfig)
+    metadata = read_metadata(WEIGHTS_DIR / "bass.safetensors")
+    upstream = model_card(config, metadata, metadata.training)
+    assert "contexts: a random non-empty subset of the other audible stems, or with p = 0.25" in upstream
+    dense = config.model_copy(update={"data": config.data.model_copy(update={"all_stems_prob": 0.5})})
+    assert ("other audible stems (all of them with p = 0.5, not in STAGE's recipe), or with p = 0.25"
+            in model_card(dense, metadata, metadata.training))
+    with pytest.raises(Exception, match="all_stems_prob"):
+        TrainConfig.model_validate({**config.model_dump(mode="json"),
+                                    "data": {**config.data.model_dump(mode="json"), "all_stems_prob": 2}})

@@ -131,6 +131,10 @@ class DataConfig(_Section):
     context_seconds: tuple[float, float] = (5.0, 10.0)
     full_context_prob: float = Field(0.05, ge=0, le=1)
     click_prob: float = Field(0.5, ge=0, le=1)
+    # Not in STAGE's recipe: the chance that a training pair's stem context is every audible
+    # other stem (the densest mix) instead of upstream's size-uniform draw; validation keeps
+    # upstream's draw. 0 = upstream.
+    all_stems_prob: float = Field(0.0, ge=0, le=1)
     valid_samples: int = Field(32, gt=0)  # fixed validation pairs
 
     @field_validator("context_seconds", "speed")

@@ -56,8 +56,10 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
         "",
         f"- songs: {data.get('train_songs', '?')} training, {data.get('valid_songs', '?')} validation "
         f"({data.get('source', '')})",
-        f"- target stem: `{config.data.target_stem}`; contexts: a random non-empty subset of the other audible stems, "
-        f"or with p = {config.data.click_prob} a click track on the song's beats (accented downbeats)",
+        f"- target stem: `{config.data.target_stem}`; contexts: a random non-empty subset of the other audible stems"
+        + (f" (all of them with p = {config.data.all_stems_prob}, not in STAGE's recipe)"
+           if config.data.all_stems_prob else "")
+        + f", or with p = {config.data.click_prob} a click track on the song's beats (accented downbeats)",
         f"- target {config.data.segment_seconds} s, context {config.data.context_seconds[0]}-"
         f"{config.data.context_seconds[1]} s aligned to the target's start",
         f"- augmentation: {config.data.variants} encoded variants per song (variant 0 as written, the others a "

@@ -273,6 +273,9 @@ class TokenPairDataset:
     `context_cache_dir`: a cache of the same songs, variants and settings built with a second
     codec (an expert with a separate context codec): contexts are read from there, targets from
     `cache_dir`, at the same offsets.
+
+    `all_stems_prob` (not in STAGE's recipe): the chance that a stem context is the largest stored
+    mix of audible stems instead of upstream's draw, for an expert that must hear a dense mix.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, target_stem: str, segment_seconds: float = 10.0,
@@ -281,7 +284,7 @@ class TokenPairDataset:
                  split: Literal["all", "train", "valid"] = "all", n_valid: int = 24,
                  samples_per_epoch: int | None = None, silence_threshold: float = 0.01, max_tries: int = 10,
                  seed: int = 0, source: str | os.PathLike | None = None,
-                 context_cache_dir: str | os.PathLike | None = None) -> None:
+                 context_cache_dir: str | os.PathLike | None = None, all_stems_prob: float = 0.0) -> None:
         self.cache_dir = Path(cache_dir)
         self.source = Path(source) if source is not None else None  # the songs folder the cache was built from
         self.index = TokenCacheIndex.load(self.cache_dir)
@@ -291,6 +294,9 @@ class TokenPairDataset:
         if not 0 < self.context_frames[0] <= self.context_frames[1] <= self.segment_frames:
             raise ValueError(f"context_seconds must satisfy 0 < min <= max <= segment_seconds, got {context_seconds}")
         self.full_context_prob, self.click_prob, self.identity_prob = full_context_prob, click_prob, identity_prob
+        if not 0.0 <= all_stems_prob <= 1.0:
+            raise ValueError(f"all_stems_prob must be in [0, 1], got {all_stems_prob}")
+        self.all_stems_prob = all_stems_prob
         self.silence_threshold, self.max_tries, self.seed, self.epoch = silence_threshold, max_tries, seed, 0
         self.skipped: Counter = Counter()
         by_song: dict[str, list[CacheEntry]] = defaultdict(list)
@@ -406,6 +412,9 @@ class TokenPairDataset:
             stored = [tuple(m.split("+")) for m in entry.mixes] + [(s,) for s in others]
             usable = [m for m in stored if self.target_stem not in m and set(m) <= set(audible)]
             size = int(rng.integers(1, len(audible) + 1))
+            # drawn only when asked for, so that runs without it keep upstream's random stream
+            if self.all_stems_prob and rng.random() < self.all_stems_prob:
+                size = max(len(m) for m in usable)
             pool = [m for m in usable if len(m) == size] or usable
             chosen = pool[int(rng.integers(len(pool)))]
             key = mix_name(chosen)

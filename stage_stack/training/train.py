@@ -175,13 +175,15 @@ def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait
                      full_context_prob=d.full_context_prob, click_prob=d.click_prob)
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
-                                 seed=config.seed, source=d.root, context_cache_dir=ctx_train_dir, **pair_args)
+                                 seed=config.seed, source=d.root, context_cache_dir=ctx_train_dir,
+                                 all_stems_prob=d.all_stems_prob, **pair_args)
         valid = TokenPairDataset(train_dir, split="valid", n_valid=d.n_valid, identity_prob=1.0,
                                  samples_per_epoch=d.valid_samples, seed=config.seed + 1, source=d.root,
                                  context_cache_dir=ctx_train_dir, **pair_args)
     else:
         train = TokenPairDataset(train_dir, split="all", identity_prob=d.identity_prob, seed=config.seed,
-                                 source=d.root, context_cache_dir=ctx_train_dir, **pair_args)
+                                 source=d.root, context_cache_dir=ctx_train_dir, all_stems_prob=d.all_stems_prob,
+                                 **pair_args)
         valid = TokenPairDataset(valid_dir, split="all", identity_prob=1.0, samples_per_epoch=d.valid_samples,
                                  seed=config.seed + 1, source=d.valid_root, context_cache_dir=ctx_valid_dir,
                                  **pair_args)
