@@ -70,6 +70,13 @@ class SpecialTokens(BaseModel):
     sep: int
 
 
+def context_codec_mismatches(codec: CodecConfig, context: CodecConfig) -> list[tuple[str, Any, Any]]:
+    """(field, the context codec's value, the expert codec's value) for each field the two must
+    share: the context is cut on the target's frame grid and read one code per codebook."""
+    return [(name, getattr(context, name), getattr(codec, name)) for name in ("sample_rate", "frame_rate", "n_q")
+            if getattr(context, name) != getattr(codec, name)]
+
+
 class ExpertMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -139,12 +146,9 @@ class ExpertMetadata(BaseModel):
                              f"{'missing' if context is None else 'set'}: set both (a separate context codec) or "
                              "neither")
         if context is not None:
-            for name, got, want in (("context_codec_config.sample_rate", context.sample_rate, codec.sample_rate),
-                                    ("context_codec_config.frame_rate", context.frame_rate, codec.frame_rate),
-                                    ("context_codec_config.n_q", context.n_q, lm.n_q)):
-                if got != want:
-                    raise ValueError(f"{name} is {got}, expected {want} (the context is cut on the target's frame "
-                                     "grid and read one code per codebook)")
+            for name, got, want in context_codec_mismatches(codec, context):
+                raise ValueError(f"context_codec_config.{name} is {got}, expected {want} (the context is cut on the "
+                                 "target's frame grid and read one code per codebook)")
             if lm.context_card < context.card:
                 raise ValueError(f"lm_config.context_card is {lm.context_card}, smaller than "
                                  f"context_codec_config.card {context.card}: the LM could not read every context code")
@@ -463,6 +467,14 @@ def _fill_quantized(lm: torch.nn.Module, path: Path, prefix: str, device: torch.
     lm.to(device)
 
 
+def _load_codec(path: Path, entries: dict, prefix: str, config: CodecConfig, device) -> Codec:
+    """A float32 codec from the tensors under `prefix` of the safetensors file `path` (keys checked)."""
+    codec = build_empty(lambda: Codec(config))
+    _check_keys(str(path), entries, prefix, {k: v.shape for k, v in codec.model.state_dict().items()})
+    _fill(codec.model, path, prefix, device, torch.float32)
+    return codec.eval()
+
+
 def build_empty(factory):
     from accelerate import init_empty_weights
 
@@ -566,7 +578,8 @@ def load_expert(
                                  "different version; reinstall it with `stage-stack install`.")
     header, entries = read_header(path)
     metadata = ExpertMetadata.from_header(header, str(path))
-    known_prefixes = ("lm.", "codec.", "text_encoder.", "context_codec.")
+    known_prefixes = ("lm.", "codec.", "text_encoder.") + (
+        ("context_codec.",) if metadata.context_codec_config is not None else ())
     stray = sorted(k for k in entries if not k.startswith(known_prefixes))
     if stray:
         raise CheckpointKeyError(str(path), unexpected=stray)
@@ -579,28 +592,14 @@ def load_expert(
         _fill(lm, path, "lm.", device, dtype)
     lm.eval()
 
-    codec_cfg = metadata.codec_cfg
-    codec = build_empty(lambda: Codec(codec_cfg))
-    expected = {k: v.shape for k, v in codec.model.state_dict().items()}
     if metadata.codec.embedded:
-        _check_keys(str(path), entries, "codec.", expected)
-        _fill(codec.model, path, "codec.", device, torch.float32)
+        codec = _load_codec(path, entries, "codec.", metadata.codec_cfg, device)
     else:
         codec_path = resolve_codec_file(metadata.codec, path, codec_dirs)
-        _, codec_entries = read_header(codec_path)
-        _check_keys(str(codec_path), codec_entries, "", expected)
-        _fill(codec.model, codec_path, "", device, torch.float32)
-    codec.eval()
-
+        codec = _load_codec(codec_path, read_header(codec_path)[1], "", metadata.codec_cfg, device)
     context_codec = None
-    if metadata.context_codec_cfg is None and any(k.startswith("context_codec.") for k in entries):
-        raise CheckpointKeyError(str(path), unexpected=sorted(k for k in entries if k.startswith("context_codec.")))
     if metadata.context_codec_cfg is not None:
-        ctx_cfg = metadata.context_codec_cfg
-        context_codec = build_empty(lambda: Codec(ctx_cfg))
-        _check_keys(str(path), entries, "context_codec.", {k: v.shape for k, v in context_codec.model.state_dict().items()})
-        _fill(context_codec.model, path, "context_codec.", device, torch.float32)
-        context_codec.eval()
+        context_codec = _load_codec(path, entries, "context_codec.", metadata.context_codec_cfg, device)
 
     text = None
     if load_text and metadata.text_encoder is not None:

@@ -42,7 +42,7 @@ import torch
 from .. import faults
 from ..atomic import atomic_write_text
 from ..errors import StageStackError, TrainingConfigError
-from ..expert import ExpertMetadata, load_expert
+from ..expert import ExpertMetadata, context_codec_mismatches, load_expert
 from ..layout import TokenLayout
 from ..models.codec import Codec
 from ..models.stage_lm import StageLM, StageLMConfig, init_weights
@@ -96,13 +96,11 @@ def load_base(config: TrainConfig) -> Base:
     if fresh.context_codec is not None:
         context_codec, context_training = load_codec_file(fresh.context_codec)
         context_info = describe(fresh.context_codec, context_training)
-        mine, theirs = codec.config, context_codec.config
-        for name in ("sample_rate", "frame_rate", "n_q"):
-            if getattr(mine, name) != getattr(theirs, name):
-                raise TrainingConfigError(
-                    f"base.fresh.context_codec ({fresh.context_codec}) has {name} {getattr(theirs, name)}, but "
-                    f"base.fresh.codec ({fresh.codec}) has {getattr(mine, name)}: the two codecs must share the "
-                    "sample rate, frame rate and number of codebooks")
+        for name, theirs, mine in context_codec_mismatches(codec.config, context_codec.config):
+            raise TrainingConfigError(
+                f"base.fresh.context_codec ({fresh.context_codec}) has {name} {theirs}, but base.fresh.codec "
+                f"({fresh.codec}) has {mine}: the two codecs must share the sample rate, frame rate and number of "
+                "codebooks")
     lm_cfg = StageLMConfig(dim=fresh.dim, n_layers=fresh.n_layers, n_heads=fresh.n_heads, ffn_dim=fresh.ffn_dim,
                            card=codec.config.card, n_q=codec.config.n_q, cross_attention=False,
                            positions=fresh.positions,
@@ -247,6 +245,11 @@ def zero_pad_row_grads(lm: StageLM) -> None:
         emb.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([pad], device=g.device), 0.0))
 
 
+def base_fingerprints(base: Base) -> tuple[str, str | None]:
+    """codec_fingerprint of the base's codec and of its context codec (None without one)."""
+    return codec_fingerprint(base.codec), None if base.context_codec is None else codec_fingerprint(base.context_codec)
+
+
 def check_resumable(state: dict, config: TrainConfig, codes_fingerprint: str,
                     context_fingerprint: str | None = None) -> None:
     """Refuse to continue a checkpoint with a config or codec that would train something else."""
@@ -278,8 +281,7 @@ class Trainer:
         cfg = self.lm.config
         self.layout = TokenLayout.for_config(cfg)
         self.use_text = cfg.cross_attention and base.text is not None
-        self.codes_fingerprint = codec_fingerprint(base.codec)
-        self.context_fingerprint = None if base.context_codec is None else codec_fingerprint(base.context_codec)
+        self.codes_fingerprint, self.context_fingerprint = base_fingerprints(base)
         zero_pad_row_grads(self.lm)
         o = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.lm), lr=o.lr, betas=o.betas, eps=o.eps,
@@ -543,8 +545,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
     state = None
     if found is not None:  # check before any pre-tokenization work
         state = load_checkpoint(found, "cpu")
-        check_resumable(state, config, codec_fingerprint(base.codec),
-                        None if base.context_codec is None else codec_fingerprint(base.context_codec))
+        check_resumable(state, config, *base_fingerprints(base))
     base.codec.to(accelerator.device)  # pre-tokenization runs on the training device
     if base.context_codec is not None:
         base.context_codec.to(accelerator.device)
