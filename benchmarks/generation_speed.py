@@ -71,7 +71,10 @@ from stage_stack.models.quant import QUANTIZED, release_freed_memory, weight_cou
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights  # noqa: E402
 
 OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int4": "int4"}
-METHODS = (*OURS, "full-recompute", "hf-generate", "hf-loop")
+# The same formats with the KV cache forced to bf16 whatever this machine's choice: the memory
+# side of that choice, measured in the same run (stage_stack.machine, half_kv_cache).
+OURS_HALF_KV = {"ours-bf16-halfkv": "bf16", "ours-int8-halfkv": "int8"}
+METHODS = (*OURS, *OURS_HALF_KV, "full-recompute", "hf-generate", "hf-loop")
 CONFIGS = ("nocross", "cross")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "generation_speed.json"
 CFG_COEF = 3.0
@@ -185,7 +188,9 @@ def build_ours(work: Workload, dtype: torch.dtype | str) -> StageLM:
         lm = StageLM(work.lm_config)
     finally:
         torch.set_default_dtype(previous)
-    return init_weights(lm, seed=work.seed).eval()
+    lm = init_weights(lm, seed=work.seed).eval()
+    release_freed_memory()  # as load_expert ends
+    return lm
 
 
 def build_quantized(cfg: StageLMConfig, fmt: str, seed: int) -> StageLM:
@@ -240,7 +245,8 @@ def build_float(cfg: StageLMConfig, dtype: torch.dtype, seed: int) -> StageLM:
 
 
 def run_ours(lm: StageLM, work: Workload, context: torch.Tensor, *, use_cache: bool = True,
-             prompt: torch.Tensor | None = None, stop_after: int | None = None) -> StepClock:
+             prompt: torch.Tensor | None = None, stop_after: int | None = None,
+             kv_dtype: torch.dtype | None = None) -> StepClock:
     memory = text_memory(work, lm.config.dim)
     clock = StepClock(stop_after=stop_after if stop_after is not None else work.steps)
 
@@ -248,18 +254,34 @@ def run_ours(lm: StageLM, work: Workload, context: torch.Tensor, *, use_cache: b
         clock.threads = torch.get_num_threads()  # what generate() chose (stage_stack.machine)
         clock.tick(done, total)
 
+    made = []
+    new_cache = lm.new_cache
+    lm.new_cache = lambda *a, **k: made.append(new_cache(*a, **k)) or made[-1]  # to report its layout
     try:
         generate(lm, context, work.gen_frames, text_memory=memory, prompt=prompt, seed=work.seed,
-                 callback=tick, use_cache=use_cache)
+                 callback=tick, use_cache=use_cache, kv_dtype=kv_dtype)
     except _StopGeneration:
         pass
+    finally:
+        del lm.new_cache
+    clock.cache = made[0] if made else None
     return clock
 
 
-def warm_up_ours(lm: StageLM, work: Workload, use_cache: bool = True) -> None:
+def kv_read_bytes(cache, mean_length: float) -> float:
+    """Bytes of keys/values one decode step reads from `cache` when `mean_length` steps are
+    written: a static cache reads every slot; a dynamic one each row group's written steps."""
+    first = cache.keys[0][0]  # [rows, heads, steps, head_dim] of layer 0, group 0
+    per_step_row = first.shape[1] * first.shape[3] * first.element_size() * 2 * len(cache.keys)
+    if cache.static:
+        return float(cache.nbytes)
+    return float(sum((g.stop - g.start) * max(0.0, mean_length - g.first) for g in cache.groups) * per_step_row)
+
+
+def warm_up_ours(lm: StageLM, work: Workload, use_cache: bool = True, kv_dtype: torch.dtype | None = None) -> None:
     """A few short steps so one-time kernel set-up is not charged to the timed run."""
     short = Workload(**{**asdict(work), "context_frames": 8, "gen_frames": 2, "steps": 4})
-    run_ours(lm, short, context_codes(short), use_cache=use_cache)
+    run_ours(lm, short, context_codes(short), use_cache=use_cache, kv_dtype=kv_dtype)
 
 
 def ours_step_bytes(lm: StageLM) -> int:
@@ -499,16 +521,17 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     extra_kv = work.text_tokens if work.cross else 0
 
     with torch.no_grad():
-        if method in OURS or method == "full-recompute":
-            fmt = OURS.get(method, "fp32")
+        if method in OURS or method in OURS_HALF_KV or method == "full-recompute":
+            fmt = OURS.get(method) or OURS_HALF_KV.get(method, "fp32")
+            forced_kv = torch.bfloat16 if method in OURS_HALF_KV else None
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(fmt, fmt)
             model = build_ours(work, dtype)
             row["build_s"] = time.perf_counter() - t0
             weights = list(model.parameters()) + list(model.buffers())
             dtype = fmt
             step_bytes = ours_step_bytes(model)
-            kv_dtype = model.new_cache(1, 1).keys[0].dtype  # may differ from the weights'
-            warm_up_ours(model, work, use_cache=method != "full-recompute")
+            kv_dtype = forced_kv or model.new_cache(1, 1).keys[0][0].dtype  # may differ from the weights'
+            warm_up_ours(model, work, use_cache=method != "full-recompute", kv_dtype=forced_kv)
             peak_build = peak_rss_bytes()
             reset_peak_rss()
             load_before = load_average()
@@ -517,7 +540,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 timing = time_full_recompute(model, work, context)
                 clock = None
             else:
-                clock = run_ours(model, work, context)
+                clock = run_ours(model, work, context, kv_dtype=forced_kv)
                 timing = clock.timing()
         elif method in ("hf-generate", "hf-loop"):
             dtype = torch.float32
@@ -549,6 +572,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     peak_run = peak_rss_bytes()
     element = torch.tensor([], dtype=kv_dtype).element_size()
     kv_bytes = 2 * cfg.n_layers * B * (kv_rows_len + extra_kv) * cfg.dim * element
+    cache = getattr(clock, "cache", None)
+    if cache is not None:  # ours: the cache's own layout (static or not, PAD context skipped or not)
+        kv_dtype = cache.keys[0][0].dtype
+        kv_bytes = kv_read_bytes(cache, kv_rows_len) + 2 * cfg.n_layers * B * extra_kv * cfg.dim * element
+        row["kv_cache"] = {"static": cache.static, "bytes": cache.nbytes, "max_steps": cache.max_steps,
+                           "groups": [[g.start, g.stop, g.first] for g in cache.groups]}
     row.update(timing)
     n_params = weight_count(model)
     row["runtime"] = stage_machine.runtime_report(n_params)  # CPU, flags, kernel and thread choices
@@ -716,6 +745,7 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
     for config, threads in groups:
         group = [r for r in rows if r.get("thread_setting", "auto") == threads]
         fp32, bf16, int8, int4 = (_find(group, config, m) for m in OURS)
+        bf16_hkv, int8_hkv = (_find(group, config, m) for m in OURS_HALF_KV)
         recompute, hf_gen, hf_loop = (_find(group, config, m) for m in ("full-recompute", "hf-generate", "hf-loop"))
         pairs = [
             ("ours fp32 / full-recompute", fp32, recompute, TARGET_OURS_VS_RECOMPUTE, "steps_per_s"),
@@ -730,6 +760,8 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             ("ours int8 / ours bf16", int8, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_cpu_s"),
             ("ours int4 / ours bf16", int4, bf16, None, "decode_steps_per_s"),
             ("ours int8 / ours fp32", int8, fp32, None, "decode_steps_per_s"),
+            ("ours bf16, bf16 KV / ours bf16", bf16_hkv, bf16, None, "decode_steps_per_s"),
+            ("ours int8, bf16 KV / ours bf16, bf16 KV", int8_hkv, bf16_hkv, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
         ]
         for name, a, b, target, key in pairs:
             value = _ratio(a, b, key)
@@ -741,7 +773,7 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             targets.append({"config": config, "threads": threads, "target": "bf16 decode share of the bandwidth bound",
                             "value": bf16["bound_share"], "limit": TARGET_BF16_SHARE,
                             "met": bf16["bound_share"] >= TARGET_BF16_SHARE})
-        for r in (fp32, bf16, int8, int4):
+        for r in (fp32, bf16, int8, int4, bf16_hkv, int8_hkv):
             if r is not None and "rss_ok" in r:
                 targets.append({"config": config, "threads": threads,
                                 "target": f"{r['method']} peak RSS <= 1.2 x weights + 300 MB",
@@ -773,6 +805,9 @@ METHOD_NOTES = {
     "ours-int8": "Weight-only int8 block linears (per output channel, aten._weight_int8pack_mm), bf16 activations, "
                  "embeddings and heads; built on the meta device and quantized one matrix at a time, as load_expert "
                  "does.",
+    "ours-bf16-halfkv": "ours-bf16 with the KV cache in bf16 (generate(kv_dtype=torch.bfloat16)) whatever this "
+                        "machine's choice.",
+    "ours-int8-halfkv": "ours-int8 with the KV cache in bf16, likewise.",
     "ours-int4": "Weight-only int4 block linears (groups of 128, aten._weight_int4pack_mm_for_cpu), otherwise as "
                  "ours-int8.",
     "full-recompute": "generate(use_cache=False): every step re-runs the whole prefix (the upstream way), same fp32 "

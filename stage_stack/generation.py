@@ -17,7 +17,7 @@ from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
 from .machine import SMALL_MODEL_PARAMS, decode_threads
 from .models.quant import weight_count
-from .models.stage_lm import StageLM
+from .models.stage_lm import RowGroup, StageLM
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 
@@ -125,6 +125,7 @@ def generate(
     compile: StepMode | Literal["auto"] | bool = False,
     static_cache: bool | None = None,
     kv_dtype: torch.dtype | None = None,
+    skip_pad_context: bool = True,
 ):
     """Generate `n_frames` target frames for each context: returns codes [B * num_samples, K, n_frames].
 
@@ -136,9 +137,12 @@ def generate(
 
     How steps run (stage_stack.decoding): `compile` False (eager), True (torch.compile, eager
     with a warning when no compiler works), "cuda-graph", or "auto" (CUDA graphs on a GPU,
-    eager on the CPU). `static_cache` (default: on when compiling) keeps every step's shapes
-    fixed; `kv_dtype` overrides the cache dtype (default: stage_lm.StageLM.new_cache). The
-    thread count is chosen per call (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
+    eager on the CPU). `static_cache` keeps every step's shapes fixed (default: on when
+    compiling, else as `StageLM.new_cache` chooses: on for a half-precision cache on the CPU);
+    `kv_dtype` overrides the cache dtype (default: `StageLM.new_cache` chooses).
+    `skip_pad_context`: the unconditional rows' cache leaves out their PAD context, which no
+    query attends to (exact; a quarter of the cache with equal context and target lengths);
+    False keeps it, as upstream does. The thread count is chosen per call (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
     """
     device = lm.final_norm.weight.device
     n_params = weight_count(lm)
@@ -149,11 +153,12 @@ def generate(
         return _generate(lm, context, n_frames, text_memory=text_memory, prompt=prompt, num_samples=num_samples,
                          params=params, seed=seed, generator=generator, callback=callback, use_cache=use_cache,
                          return_steps=return_steps, mode=mode,
-                         static=(mode != "eager") if static_cache is None else static_cache, kv_dtype=kv_dtype)
+                         static=True if mode != "eager" else static_cache, kv_dtype=kv_dtype,
+                         skip_pad_context=skip_pad_context)
 
 
 def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,
-              use_cache, return_steps, mode, static, kv_dtype):
+              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context):
     layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
@@ -183,8 +188,10 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
     mask = batch.attention_mask
     positions = batch.positions
     total = S - batch.start_offset
-    cache = lm.new_cache(B, S, static=static, dtype=kv_dtype) if use_cache else None
-    runner = StepRunner(lm, cache, mask, mode) if cache is not None and static else None
+    groups = cfg_row_groups(mask, rows) if cfg and skip_pad_context else None
+    cache = lm.new_cache(B, S, static=static, dtype=kv_dtype, groups=groups) if use_cache else None
+    static = cache is not None and cache.static
+    runner = StepRunner(lm, cache, mask, mode) if static else None
     guidance = Guidance(rows, K, lm.config.card, cfg, params.cfg_coef, device)
     sampler = Sampler(params, rows * K, lm.config.card, device, generator)
     # Slots still to be sampled; both CFG halves get the same tokens (each keeps its own context).
@@ -224,6 +231,13 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
     if return_steps:
         return out, torch.stack(steps_logits)
     return out
+
+
+def cfg_row_groups(mask: torch.Tensor, rows: int) -> tuple[RowGroup, RowGroup]:
+    """The conditional and unconditional halves of a CFG batch as KV-cache row groups, each
+    keeping the steps from its rows' earliest valid one (the unconditional rows: their SEP)."""
+    first = mask.to(torch.int8).argmax(dim=-1)  # each row's first valid step
+    return (RowGroup(0, rows, int(first[:rows].min())), RowGroup(rows, 2 * rows, int(first[rows:].min())))
 
 
 def generation_steps(n_frames: int, n_q: int) -> int:

@@ -5,8 +5,9 @@ AMX), and the fastest kernel differs between them (benchmarks/README.md, "CPU ke
 so nothing here is fixed once and for all.
 
 - `cpu_info()`: model name, flags that matter (AMX, AVX512-BF16), torch's capability string.
-- `kernel_choices()`: which way a skinny float32 product runs (W @ x^T or F.linear) and in
-  which dtype a half-precision model keeps its KV cache. Chosen from a quick probe (a few
+- `kernel_choices()`: which way a skinny float32 product runs (W @ x^T or F.linear), which
+  kernel runs one query's attention over the cache (SDPA or two products, per cache dtype) and
+  in which dtype a half-precision model keeps its KV cache. Chosen from a quick probe (a few
   milliseconds of matmuls) whose result is cached per CPU model, torch version and thread
   under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
   forces a fresh probe or flags only.
@@ -200,11 +201,22 @@ class KernelChoices:
 
     skinny_fp32_linear: Literal["w_xt", "linear"]  # float32 products of <= 4 rows
     half_kv_cache: Literal["float32", "model"]  # KV cache dtype under a bf16/fp16 model on the CPU
+    # attention of one query step over the cache, per cache dtype: SDPA, or two products and a
+    # float32 softmax (stage_lm._attend)
+    decode_attention_fp32: Literal["sdpa", "matmul"]
+    decode_attention_half: Literal["sdpa", "matmul"]
     source: str  # "probe", "cache" or "flags"
     probe_ms: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# How much slower a half-precision cache's attention may be and still be chosen for its memory
+# (half of a float32 cache). Measured at MusicGen-small size on an AMD EPYC (benchmarks/README.md):
+# attention 1.57x slower made a bf16 decode step 23 % slower, so 1.25x costs about 10 % of a step.
+HALF_KV_SLOWDOWN = 1.25
+PROBE_LAYERS = 6
 
 
 def _time_ms(fn, repeats: int = 8) -> float:
@@ -218,14 +230,14 @@ def _time_ms(fn, repeats: int = 8) -> float:
 
 
 def probe_kernels() -> KernelChoices:
-    """Time the alternatives on a decode-shaped product (2 rows, 1024 -> 4096): ~50 ms.
+    """Time the alternatives on decode-shaped work (a 2-row 1024 -> 4096 product; one query over
+    a 1024-slot cache, 16 heads of 64, in six layers' buffers): ~0.2 s and ~150 MB, once per machine.
 
-    On one thread (several threads on busy cores time the spin-waits, not the kernels), and an
-    alternative must win by 10 % to replace the default (F.linear; a float32 KV cache), so a
-    noisy probe keeps the default.
+    On one thread (several threads on busy cores time the spin-waits, not the kernels). An
+    alternative must win by 10 % to replace the default (F.linear; SDPA), so a noisy probe keeps
+    the default. The KV cache of a half-precision model is in the model's dtype (half the memory
+    of a float32 one) unless its attention is more than HALF_KV_SLOWDOWN times slower.
     """
-    import torch.nn.functional as F
-
     with _one_thread():
         return _probe()
 
@@ -243,6 +255,8 @@ def _one_thread() -> Iterator[None]:
 def _probe() -> KernelChoices:
     import torch.nn.functional as F
 
+    from .models.stage_lm import matmul_attention
+
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(4096, 1024, generator=gen)
     x = torch.randn(2, 1024, generator=gen)
@@ -250,23 +264,51 @@ def _probe() -> KernelChoices:
         "fp32_linear": _time_ms(lambda: F.linear(x, w)),
         "fp32_w_xt": _time_ms(lambda: (w @ x.t()).t().contiguous()),
     }
-    # Attention of one query over 768 cached keys (16 heads of 64), bf16 against float32.
+    # One query over a cache as decoding reads it: a float32 cache is dynamic (a view of the
+    # written 768 of 1024 slots), a half-precision one static (every slot; StageLM.new_cache).
+    # Over six layers' buffers (~100 MB in float32), so that they come from memory as in a real
+    # step: with one hot buffer bf16 looked as fast as float32, yet in a MusicGen-small-size
+    # step it was 1.85x slower (AMD EPYC, torch.profiler).
     q = torch.randn(2, 16, 1, 64, generator=gen)
-    k = torch.randn(2, 16, 768, 64, generator=gen)
-    ms["attn_fp32"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, k))
-    qb, kb = q.bfloat16(), k.bfloat16()
-    ms["attn_bf16"] = _time_ms(lambda: F.scaled_dot_product_attention(qb, kb, kb))
+    blocked = torch.zeros(2, 1, 1, 1024, dtype=torch.bool)
+    blocked[..., 768:] = True  # unwritten slots
+    blocked[1, ..., :256] = True  # an unconditional row's PAD context
+    for name, dtype, n in (("fp32", torch.float32, 768), ("bf16", torch.bfloat16, 1024)):
+        caches = [torch.randn(2, 2, 16, 1024, 64, generator=gen).to(dtype) for _ in range(PROBE_LAYERS)]
+        qq, bb = q.to(dtype), blocked[..., :n]
+        views = [(c[0, :, :, :n], c[1, :, :, :n]) for c in caches]
+
+        def run(kernel):
+            def layers() -> None:
+                for k, v in views:
+                    if kernel == "sdpa":
+                        F.scaled_dot_product_attention(qq, k, v, attn_mask=~bb)
+                    else:
+                        matmul_attention(qq, k, v, bb)
+            return layers
+
+        ms[f"attn_{name}"] = _time_ms(run("sdpa"), repeats=4) / PROBE_LAYERS
+        ms[f"attn_{name}_matmul"] = _time_ms(run("matmul"), repeats=4) / PROBE_LAYERS
+        del caches, views
+
+    def pick(dtype: str) -> str:
+        return "matmul" if ms[f"attn_{dtype}_matmul"] < 0.9 * ms[f"attn_{dtype}"] else "sdpa"
+
+    fp32, half = pick("fp32"), pick("bf16")
+    best = {d: ms[f"attn_{d}"] if c == "sdpa" else ms[f"attn_{d}_matmul"] for d, c in (("fp32", fp32), ("bf16", half))}
     return KernelChoices(
         skinny_fp32_linear="w_xt" if ms["fp32_w_xt"] < 0.9 * ms["fp32_linear"] else "linear",
-        half_kv_cache="model" if ms["attn_bf16"] < 0.9 * ms["attn_fp32"] else "float32",
-        source="probe", probe_ms=ms)
+        half_kv_cache="float32" if best["bf16"] > HALF_KV_SLOWDOWN * best["fp32"] else "model",
+        decode_attention_fp32=fp32, decode_attention_half=half, source="probe", probe_ms=ms)
 
 
 def choices_from_flags() -> KernelChoices:
-    """Without a probe: AMX machines run bf16 attention and F.linear well, others do not."""
+    """Without a probe: AMX machines run SDPA and F.linear well; others run skinny float32
+    products as W @ x^T and one-query attention as two products (benchmarks/README.md)."""
     amx = "amx_bf16" in cpu_flags()
-    return KernelChoices(skinny_fp32_linear="linear" if amx else "w_xt",
-                         half_kv_cache="model" if amx else "float32", source="flags")
+    return KernelChoices(skinny_fp32_linear="linear" if amx else "w_xt", half_kv_cache="model",
+                         decode_attention_fp32="sdpa" if amx else "matmul",
+                         decode_attention_half="sdpa" if amx else "matmul", source="flags")
 
 
 @lru_cache(maxsize=8)

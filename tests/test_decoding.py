@@ -16,10 +16,12 @@ import torch
 from stage_stack import decoding, machine
 from stage_stack.errors import DeviceError
 from stage_stack.expert import load_expert, resolve_format, save_expert
-from stage_stack.generation import Sampler, SamplingParams, generate, sample_next
+from stage_stack.generation import Sampler, SamplingParams, cfg_row_groups, generate, sample_next
 from stage_stack.layout import TokenLayout
 from stage_stack.models.quant import Int4Linear, Int8Linear, quantize_
-from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights, positions_from_mask
+from stage_stack.models import stage_lm
+from stage_stack.models.stage_lm import (KVCache, RowGroup, StageLM, StageLMConfig, init_weights, matmul_attention,
+                                         positions_from_mask)
 from stage_stack.testing import TINY_CODEC, expert_metadata, make_tiny_expert, tiny_codec
 
 # Widths divisible by 32 so every block linear has an int4 group size.
@@ -56,6 +58,42 @@ def test_static_cache_equals_dynamic_cache_and_full_recompute():
     full, f_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, use_cache=False)
     assert torch.equal(static, dynamic) and torch.equal(static, full)
     assert (s_steps - d_steps).abs().max() < 1e-4 and (s_steps - f_steps).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_skipping_the_unconditional_pad_context_changes_nothing_but_the_cache_size(static, monkeypatch):
+    lm = sharp_lm()
+    ctx, mem = context(lengths=(7, 4)), text(lm)
+    kept, k_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static,
+                             skip_pad_context=False)
+    sizes = []
+    real_new_cache = lm.new_cache
+    monkeypatch.setattr(lm, "new_cache", lambda *a, **k: sizes.append(real_new_cache(*a, **k)) or sizes[-1])
+    skipped, s_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static)
+    assert torch.equal(kept, skipped) and (k_steps - s_steps).abs().max() < 1e-5
+    cache = sizes[0]
+    # step 0 of the delay pattern is masked in every row; the conditional rows keep the rest (the
+    # longest context starts at step 1), the unconditional ones start at their SEP, after 7 PAD steps
+    assert cache.groups == (RowGroup(0, 2, 1), RowGroup(2, 4, 8))
+    S = cache.max_steps
+    assert cache.nbytes == 2 * ((S - 1) + (S - 8)) * 2 * CONFIG.n_layers * CONFIG.dim * 4
+
+
+def test_cfg_row_groups_start_at_each_half_s_first_valid_step():
+    layout = TokenLayout.for_config(CONFIG)
+    batch = layout.generation_batch(context(lengths=(5, 3)), 4)
+    assert cfg_row_groups(batch.attention_mask, 2) == (RowGroup(0, 2, 1), RowGroup(2, 4, 6))
+
+
+def test_cache_groups_are_validated_and_must_be_reached():
+    with pytest.raises(ValueError, match="groups must split rows 0..4 in order"):
+        KVCache(CONFIG, 4, 10, "cpu", torch.float32, groups=(RowGroup(0, 2), RowGroup(3, 4)))
+    with pytest.raises(ValueError, match="each keeping a step < 10"):
+        KVCache(CONFIG, 2, 10, "cpu", torch.float32, groups=(RowGroup(0, 1), RowGroup(1, 2, 10)))
+    cache = KVCache(CONFIG, 2, 10, "cpu", torch.float32, groups=(RowGroup(0, 1), RowGroup(1, 2, 6)))
+    k = torch.zeros(2, CONFIG.n_heads, 4, CONFIG.head_dim)
+    with pytest.raises(ValueError, match="first kept step 6: the prefill must reach it"):
+        cache.store(0, k, k)
 
 
 def test_static_cache_with_aligned_positions_equals_dynamic():
@@ -374,12 +412,57 @@ def test_busy_cores_counts_other_processes_now_not_this_one(monkeypatch):
     assert machine.choose_threads(400_000_000, cores=2) == 1
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_matmul_attention_equals_sdpa_with_masked_keys(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1, 16, generator=g).to(dtype),
+               *(torch.randn(2, 4, 40, 16, generator=g).to(dtype) for _ in range(2)))
+    blocked = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    blocked[1, ..., :25] = True  # an unconditional row: its PAD context is hidden
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=~blocked)
+    got = matmul_attention(q, k, v, blocked)
+    assert got.dtype == dtype and (got.float() - want).abs().max() < tol
+    # the hidden keys carry no weight: changing them changes nothing
+    k2 = k.clone()
+    k2[1, :, :25] = 100
+    assert torch.equal(matmul_attention(q, k2, v, blocked)[1], got[1])
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernels_give_the_same_tokens(monkeypatch, kv_dtype):
+    lm = sharp_lm()
+    ctx, mem = context(), text(lm)
+    runs = {}
+    for kernel in ("sdpa", "matmul"):
+        monkeypatch.setattr(stage_lm, "_DECODE_ATTENTION", {False: kernel, True: kernel})
+        runs[kernel] = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, kv_dtype=kv_dtype,
+                                static_cache=True)
+    (sdpa, s_steps), (mm, m_steps) = runs["sdpa"], runs["matmul"]
+    assert torch.equal(sdpa, mm)
+    assert (s_steps - m_steps).abs().max() < (1e-4 if kv_dtype == torch.float32 else 0.1)
+
+
+def test_probe_keeps_a_half_precision_cache_unless_much_slower(monkeypatch):
+    times = {"fp32_linear": 1.0, "fp32_w_xt": 1.0, "attn_fp32": 1.0, "attn_fp32_matmul": 0.5,
+             "attn_bf16": 5.0, "attn_bf16_matmul": 0.6}
+    monkeypatch.setattr(machine, "_time_ms", lambda fn, repeats=8: times[next(order)])
+    order = iter(times)
+    choices = machine._probe()
+    # bf16 via two products is 1.2x the float32 best: under HALF_KV_SLOWDOWN, so the cache stays bf16
+    assert (choices.decode_attention_fp32, choices.decode_attention_half, choices.half_kv_cache) == (
+        "matmul", "matmul", "model")
+    times.update(attn_bf16_matmul=0.9)  # 1.8x
+    order = iter(times)
+    assert machine._probe().half_kv_cache == "float32"
+
+
 def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("STAGE_STACK_HOME", str(tmp_path))
     monkeypatch.delenv("STAGE_STACK_KERNELS", raising=False)
     machine._kernel_choices.cache_clear()
     first = machine.kernel_choices()
-    assert first.source == "probe" and set(first.probe_ms) >= {"fp32_linear", "fp32_w_xt", "attn_fp32", "attn_bf16"}
+    assert first.source == "probe" and set(first.probe_ms) >= {"fp32_linear", "fp32_w_xt", "attn_fp32", "attn_bf16",
+                                                           "attn_fp32_matmul", "attn_bf16_matmul"}
     stored = json.loads((tmp_path / "kernels.json").read_text())
     assert machine.cpu_model() in next(iter(stored))
     machine._kernel_choices.cache_clear()

@@ -120,6 +120,17 @@ def test_all_stems_prob_hears_the_densest_mix_and_zero_is_upstreams_draw(cache):
         TokenPairDataset(out, "bass", all_stems_prob=1.5, **kwargs)
 
 
+def test_context_stems_restrict_what_a_pair_hears_and_none_is_upstreams_draw(cache):
+    _, out, _ = cache
+    kwargs = dict(segment_seconds=2.0, context_seconds=(1.0, 2.0), samples_per_epoch=40, click_prob=0.0, seed=3)
+    upstream = [TokenPairDataset(out, "bass", **kwargs)[i].info for i in range(40)]
+    assert [TokenPairDataset(out, "bass", context_stems=None, **kwargs)[i].info for i in range(40)] == upstream
+    keys_only = [TokenPairDataset(out, "bass", context_stems=("keys",), **kwargs)[i].info for i in range(40)]
+    assert {info.context_stems for info in keys_only} == {("keys",)}
+    with pytest.raises(ValueError, match="context_stems must name at least one stem other than the target 'bass'"):
+        TokenPairDataset(out, "bass", context_stems=("bass",), **kwargs)
+
+
 def test_batches_feed_the_token_layout(cache):
     _, out, _ = cache
     ds = TokenPairDataset(out, "bass", segment_seconds=2.0, context_seconds=(1.0, 2.0), samples_per_epoch=4)

@@ -570,6 +570,10 @@ def test_the_card_says_when_contexts_favour_the_densest_mix():
     dense = config.model_copy(update={"data": config.data.model_copy(update={"all_stems_prob": 0.5})})
     assert ("other audible stems (all of them with p = 0.5, not in STAGE's recipe), or with p = 0.25"
             in model_card(dense, metadata, metadata.training))
+    with pytest.raises(Exception, match="context_stems must name at least one stem other than target_stem"):
+        TrainConfig.model_validate({**config.model_dump(mode="json"),
+                                    "data": {**config.data.model_dump(mode="json"),
+                                             "context_stems": [config.data.target_stem]}})
     with pytest.raises(Exception, match="all_stems_prob"):
         TrainConfig.model_validate({**config.model_dump(mode="json"),
                                     "data": {**config.data.model_dump(mode="json"), "all_stems_prob": 2}})

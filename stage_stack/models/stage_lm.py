@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,20 @@ def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
 
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows [start, stop) of a batch whose keys before step `first` are all masked.
+
+    The unconditional CFG rows hear a PAD context that no query may attend to (reference §3),
+    so their cache need not hold it: at MusicGen-small size with 10 s of context that is a
+    quarter of the cache, and of the keys each decode step reads.
+    """
+
+    start: int
+    stop: int
+    first: int = 0
+
+
 class KVCache:
     """Preallocated per-layer keys/values, written in place so decoding never re-runs the prefix.
 
@@ -130,24 +144,40 @@ class KVCache:
       (not a Python int, so nothing is guarded on it), attention reads every slot and the
       causal mask hides the unwritten ones. The owner advances it (`advance`): the forward
       pass never reads or writes a Python counter of a static cache.
+
+    `groups` split the rows (default: one group, every step kept): group g keeps steps
+    [g.first, max_steps) only, in its own buffers, and attention runs per group. Steps before
+    `first` must be masked for every row of the group; writes to them are dropped (a static
+    one-step write before `first` lands in slot 0, which the causal mask hides until step
+    `first` overwrites it), and the first call must reach every group's `first` step.
     """
 
-    def __init__(self, config: StageLMConfig, batch: int, max_steps: int, device, dtype, static: bool = False) -> None:
-        shape = (batch, config.n_heads, max_steps, config.head_dim)
-        # A static cache's attention reads unwritten slots too (masked, weight 0), and 0 x NaN
-        # garbage would still be NaN: zeros there. A dynamic one reads written slots only.
-        alloc = torch.zeros if static else torch.empty
-        self.keys = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+    def __init__(self, config: StageLMConfig, batch: int, max_steps: int, device, dtype, static: bool = False,
+                 groups: tuple[RowGroup, ...] | None = None) -> None:
+        self.groups = groups if groups is not None else (RowGroup(0, batch),)
+        if (self.groups[0].start, self.groups[-1].stop) != (0, batch) or any(
+                a.stop != b.start for a, b in zip(self.groups, self.groups[1:])) or any(
+                g.start >= g.stop or not 0 <= g.first < max_steps for g in self.groups):
+            raise ValueError(f"groups must split rows 0..{batch} in order, each keeping a step < {max_steps}: "
+                             f"{self.groups}")
+        # Zeros, not empty: a static cache's attention reads unwritten slots too (masked, weight
+        # 0, and 0 x NaN garbage would still be NaN), and a call's peak memory then shows at its
+        # start instead of at its last step.
+        shapes = [(g.stop - g.start, config.n_heads, max_steps - g.first, config.head_dim) for g in self.groups]
+        self.keys = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(config.n_layers)]
+        self.values = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(config.n_layers)]
+        self._max_steps = max_steps
         self.length = 0  # steps already written
         self.static = static
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # == length, as a tensor (static writes)
+        # each group's write slot (step - first), kept in tensors for the same reason
+        self.slots = [torch.zeros(1, dtype=torch.long, device=device) for _ in self.groups]
         self.key_steps = torch.arange(max_steps, device=device)
         self.memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # cross-attn k/v
 
     @property
     def max_steps(self) -> int:
-        return self.keys[0].shape[2]
+        return self._max_steps
 
     def query_steps(self, S: int) -> torch.Tensor:
         """Sequence indices [S] of the steps being fed now."""
@@ -155,42 +185,95 @@ class KVCache:
             return self.step
         return self.key_steps[self.length : self.length + S]
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new steps' keys/values; return the keys/values attention reads."""
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Write the new steps' keys/values; return each group's keys/values for attention to read."""
         S = k.shape[2]
-        if self.static and S == 1:
-            self.keys[layer].index_copy_(2, self.step, k.to(self.keys[layer].dtype))
-            self.values[layer].index_copy_(2, self.step, v.to(self.values[layer].dtype))
-        else:
-            self.keys[layer][:, :, self.length : self.length + S] = k
-            self.values[layer][:, :, self.length : self.length + S] = v
-        if self.static:
-            return self.keys[layer], self.values[layer]
-        return self.keys[layer][:, :, : self.length + S], self.values[layer][:, :, : self.length + S]
+        out = []
+        for g, keys, values, slot in zip(self.groups, self.keys[layer], self.values[layer], self.slots):
+            kg, vg = k[g.start : g.stop], v[g.start : g.stop]
+            if self.static and S == 1:
+                keys.index_copy_(2, slot, kg.to(keys.dtype))
+                values.index_copy_(2, slot, vg.to(values.dtype))
+            else:
+                skip = max(0, g.first - self.length)  # new steps before `first`: masked, dropped
+                if skip >= S:
+                    raise ValueError(f"steps {self.length}..{self.length + S - 1} end before rows {g.start}.."
+                                     f"{g.stop - 1}'s first kept step {g.first}: the prefill must reach it")
+                at = self.length + skip - g.first
+                keys[:, :, at : at + S - skip] = kg[:, :, skip:]
+                values[:, :, at : at + S - skip] = vg[:, :, skip:]
+            if self.static:
+                out.append((keys, values))
+            else:
+                end = self.length + S - g.first
+                out.append((keys[:, :, :end], values[:, :, :end]))
+        return out
 
     def advance(self, S: int) -> None:
         self.length += S
         self.step.fill_(self.length)
+        for g, slot in zip(self.groups, self.slots):
+            slot.fill_(max(0, self.length - g.first))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for layer in self.keys + self.values for t in layer)
 
 
-def _sdpa_mask(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(SDPA mask, queries without any allowed key): computed once per forward, not per layer."""
+class AttentionMask(NamedTuple):
+    """A boolean attention mask in the forms the kernels take, computed once per forward."""
+
+    allowed: torch.Tensor  # SDPA's mask; a query without any allowed key may see every key
+    empty: torch.Tensor  # queries without any allowed key: their output is 0
+    blocked: torch.Tensor  # ~allowed, for matmul_attention
+
+
+def _attention_mask(allowed: torch.Tensor) -> AttentionMask:
     empty = ~allowed.any(dim=-1, keepdim=True)
-    return allowed | empty, empty
+    allowed = allowed | empty
+    return AttentionMask(allowed, empty, ~allowed)
 
 
-def _attend(q, k, v, mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """SDPA with a boolean mask; a query with no allowed key gets 0 instead of NaN.
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v as two batched products and a float32 softmax.
+
+    For one query over a long cache this beats SDPA's CPU kernels on some machines (an AMD EPYC
+    without AMX: several times in bf16, where SDPA converts block by block). `blocked` (bool,
+    broadcast to the scores) hides keys; every row must keep at least one key.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    if blocked is not None:
+        scores = scores.masked_fill_(blocked, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
+def _attend(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    """Attention with a boolean mask; a query with no allowed key gets 0 instead of NaN.
 
     Always masked_fill, never `if empty.any()`: a data-dependent branch would be a device sync
-    in eager mode and a graph break under torch.compile.
+    in eager mode and a graph break under torch.compile. One query step (decoding) on the CPU
+    takes the kernel chosen for this machine and the cache's dtype (stage_stack.machine).
     """
-    allowed, empty = mask
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).masked_fill(empty, 0.0)
+    if q.shape[2] == 1 and k.device.type == "cpu" and _decode_attention(k.dtype) == "matmul":
+        y = matmul_attention(q, k, v, mask.blocked)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed)
+    return y.masked_fill(mask.empty, 0.0)
+
+
+_DECODE_ATTENTION: dict[bool, str] = {}
+
+
+def _decode_attention(dtype: torch.dtype) -> str:
+    """"sdpa" or "matmul" for one query over a cache of `dtype` on this machine (cached per process)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if half not in _DECODE_ATTENTION:
+        from ..machine import kernel_choices
+
+        choices = kernel_choices()
+        _DECODE_ATTENTION[half] = choices.decode_attention_half if half else choices.decode_attention_fp32
+    return _DECODE_ATTENTION[half]
 
 
 _SKINNY_W_XT: bool | None = None
@@ -237,9 +320,13 @@ class SelfAttention(nn.Module):
     def forward(self, x, mask, layer: int, cache: KVCache | None) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = (t.view(B, S, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(D, dim=-1))
-        if cache is not None:
-            k, v = cache.store(layer, k, v)
-        y = _attend(q.to(k.dtype), k, v, mask).to(x.dtype)  # the cache may be wider than x (see new_cache)
+        if cache is None:
+            y = _attend(q, k, v, mask[0])
+        else:  # per row group of the cache (KVCache, RowGroup); the cache may be wider than x
+            one = len(cache.groups) == 1
+            ys = [_attend((q if one else q[g.start : g.stop]).to(kg.dtype), kg, vg, m).to(x.dtype)
+                  for g, (kg, vg), m in zip(cache.groups, cache.store(layer, k, v), mask)]
+            y = ys[0] if one else torch.cat(ys)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -373,7 +460,9 @@ class StageLM(nn.Module):
         query_steps = cache.query_steps(S) if cache is not None else torch.arange(S, device=codes.device)
         key_steps = torch.arange(keys, device=codes.device) if cache is None else cache.key_steps[:keys]
         causal = key_steps[None, :] <= query_steps[:, None]  # [S, keys]
-        self_mask = _sdpa_mask((causal[None] & attention_mask[:, None, :])[:, None])  # [B, 1, S, keys]
+        allowed = (causal[None] & attention_mask[:, None, :])[:, None]  # [B, 1, S, keys]
+        groups = cache.groups if cache is not None else (RowGroup(0, B),)
+        self_mask = tuple(_attention_mask(allowed[g.start : g.stop, ..., g.first :]) for g in groups)
         query_valid = attention_mask.index_select(1, query_steps)[..., None].to(x.dtype)
 
         memory_kv = cross_mask = None
@@ -384,7 +473,7 @@ class StageLM(nn.Module):
                 memory_kv, mem_mask = self.memory_kv(memory, memory_mask, B, codes.device, dtype)
                 if cache is not None:
                     cache.memory_kv = (memory_kv, mem_mask)
-            cross_mask = _sdpa_mask(mem_mask[:, None, None, :])
+            cross_mask = _attention_mask(mem_mask[:, None, None, :])
 
         for i, block in enumerate(self.blocks):
             kv = memory_kv[i] if memory_kv is not None else None
@@ -451,20 +540,30 @@ class StageLM(nn.Module):
             self.fuse_small_ops(False)
         return super().train(mode)
 
-    def new_cache(self, batch: int, max_steps: int, static: bool = False, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache for `batch` rows; `dtype` None = the model's, but see below on the CPU."""
+    def new_cache(self, batch: int, max_steps: int, static: bool | None = False,
+                  dtype: torch.dtype | None = None, groups: tuple[RowGroup, ...] | None = None) -> KVCache:
+        """A KV cache for `batch` rows; `dtype` None = the model's, but see below on the CPU.
+        `groups`: KVCache's row groups (rows whose first steps are masked need not keep them).
+
+        `static` None = this model chooses: static for a half-precision cache on the CPU, whose
+        one-query attention as two products reads whole buffers at full speed but the dynamic
+        cache's growing views ~10x slower (bf16 batched products over a strided batch).
+        """
         p = self.final_norm.weight
         if dtype is None:
             dtype = p.dtype
             if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16):
-                # Without AMX, half-precision attention of one query over ~500-1000 keys is 4-6x
-                # slower than float32 (benchmarks/README.md); with AMX it is faster. Probed per
-                # machine (stage_stack.machine).
+                # Half the memory of a float32 cache, unless this machine's best half-precision
+                # attention of one query is much slower than its best float32 one (probed per
+                # machine, stage_stack.machine; benchmarks/README.md).
                 from ..machine import kernel_choices
 
                 if kernel_choices().half_kv_cache == "float32":
                     dtype = torch.float32
-        return KVCache(self.config, batch, max_steps, p.device, dtype, static=static)
+        if static is None:
+            static = (p.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+                      and _decode_attention(dtype) == "matmul")
+        return KVCache(self.config, batch, max_steps, p.device, dtype, static=static, groups=groups)
 
     @torch.no_grad()
     def reset_special_rows(self) -> None:

@@ -135,6 +135,9 @@ class DataConfig(_Section):
     # other stem (the densest mix) instead of upstream's size-uniform draw; validation keeps
     # upstream's draw. 0 = upstream.
     all_stems_prob: float = Field(0.0, ge=0, le=1)
+    # Not in STAGE's recipe: the only stems a stem context may hold, in training and validation
+    # alike (an expert meant to hear chosen layers, as `Layer.hears` gives it); None = all others.
+    context_stems: tuple[str, ...] | None = None
     valid_samples: int = Field(32, gt=0)  # fixed validation pairs
 
     @field_validator("context_seconds", "speed")
@@ -156,6 +159,9 @@ class DataConfig(_Section):
         if self.context_seconds[1] > self.segment_seconds:
             raise ValueError(f"context_seconds max ({self.context_seconds[1]}) exceeds segment_seconds "
                              f"({self.segment_seconds})")
+        if self.context_stems is not None and (not self.context_stems or self.target_stem in self.context_stems):
+            raise ValueError(f"context_stems must name at least one stem other than target_stem "
+                             f"'{self.target_stem}', got {list(self.context_stems)}")
         if self.valid_root is None and self.n_valid == 0:
             raise ValueError("no validation data: set 'valid_root' or 'n_valid' > 0")
         return self

@@ -276,6 +276,9 @@ class TokenPairDataset:
 
     `all_stems_prob` (not in STAGE's recipe): the chance that a stem context is the largest stored
     mix of audible stems instead of upstream's draw, for an expert that must hear a dense mix.
+
+    `context_stems` (not in STAGE's recipe): the only stems a stem context may hold, for an expert
+    meant to hear chosen layers (a bass that follows the keys); None = every other stem.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, target_stem: str, segment_seconds: float = 10.0,
@@ -284,7 +287,8 @@ class TokenPairDataset:
                  split: Literal["all", "train", "valid"] = "all", n_valid: int = 24,
                  samples_per_epoch: int | None = None, silence_threshold: float = 0.01, max_tries: int = 10,
                  seed: int = 0, source: str | os.PathLike | None = None,
-                 context_cache_dir: str | os.PathLike | None = None, all_stems_prob: float = 0.0) -> None:
+                 context_cache_dir: str | os.PathLike | None = None, all_stems_prob: float = 0.0,
+                 context_stems: tuple[str, ...] | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         self.source = Path(source) if source is not None else None  # the songs folder the cache was built from
         self.index = TokenCacheIndex.load(self.cache_dir)
@@ -297,6 +301,10 @@ class TokenPairDataset:
         if not 0.0 <= all_stems_prob <= 1.0:
             raise ValueError(f"all_stems_prob must be in [0, 1], got {all_stems_prob}")
         self.all_stems_prob = all_stems_prob
+        if context_stems is not None and (not context_stems or target_stem in context_stems):
+            raise ValueError(f"context_stems must name at least one stem other than the target "
+                             f"'{target_stem}', got {list(context_stems)}")
+        self.context_stems = None if context_stems is None else tuple(context_stems)
         self.silence_threshold, self.max_tries, self.seed, self.epoch = silence_threshold, max_tries, seed, 0
         self.skipped: Counter = Counter()
         by_song: dict[str, list[CacheEntry]] = defaultdict(list)
@@ -393,7 +401,8 @@ class TokenPairDataset:
         """A pair from one variant's file `f`; the context's codes from `context_file` when given."""
         T = self.segment_frames
         row = entry.stems.index(self.target_stem)
-        others = [s for s in entry.stems if s != self.target_stem]
+        others = [s for s in entry.stems if s != self.target_stem
+                  and (self.context_stems is None or s in self.context_stems)]
         peaks = f.get_tensor("peaks")
         for _ in range(self.max_tries):
             offset = int(rng.integers(0, entry.n_frames - T + 1))
@@ -402,8 +411,10 @@ class TokenPairDataset:
             if window[row] >= self.silence_threshold and audible:
                 break
         else:
-            raise BadSong("silent", f"{entry.file}: no window with an audible '{self.target_stem}' and another "
-                          f"audible stem in {self.max_tries} tries")
+            which = "another audible stem" if self.context_stems is None else (
+                "an audible stem of " + "+".join(self.context_stems))
+            raise BadSong("silent", f"{entry.file}: no window with an audible '{self.target_stem}' and {which} "
+                          f"in {self.max_tries} tries")
 
         use_click = rng.random() < self.click_prob
         if use_click:
