@@ -142,7 +142,8 @@ def generate(
     `kv_dtype` overrides the cache dtype (default: `StageLM.new_cache` chooses).
     `skip_pad_context`: the unconditional rows' cache leaves out their PAD context, which no
     query attends to (exact; a quarter of the cache with equal context and target lengths);
-    False keeps it, as upstream does. The thread count is chosen per call (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
+    False keeps it, as upstream does. The thread count is chosen per call
+    (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
     """
     device = lm.final_norm.weight.device
     n_params = weight_count(lm)

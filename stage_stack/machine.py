@@ -7,8 +7,8 @@ so nothing here is fixed once and for all.
 - `cpu_info()`: model name, flags that matter (AMX, AVX512-BF16), torch's capability string.
 - `kernel_choices()`: which way a skinny float32 product runs (W @ x^T or F.linear), which
   kernel runs one query's attention over the cache (SDPA or two products, per cache dtype) and
-  in which dtype a half-precision model keeps its KV cache. Chosen from a quick probe (a few
-  milliseconds of matmuls) whose result is cached per CPU model, torch version and thread
+  in which dtype a half-precision model keeps its KV cache. Chosen from a quick probe (~0.2 s
+  of matmuls and attention, `probe_kernels`) whose result is cached per CPU model, torch version and thread
   under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
   forces a fresh probe or flags only.
 - `auto_weight_format()`: the weight format `dtype="auto"` loads an LM in on a device: bf16 on
@@ -213,8 +213,8 @@ class KernelChoices:
 
 
 # How much slower a half-precision cache's attention may be and still be chosen for its memory
-# (half of a float32 cache). Measured at MusicGen-small size on an AMD EPYC (benchmarks/README.md):
-# attention 1.57x slower made a bf16 decode step 23 % slower, so 1.25x costs about 10 % of a step.
+# (half of a float32 cache). At MusicGen-small size on an AMD EPYC, attention was ~13 % of a
+# bf16 decode step (torch.profiler), so 1.25x slower attention costs a few percent of a step.
 HALF_KV_SLOWDOWN = 1.25
 PROBE_LAYERS = 6
 
@@ -267,8 +267,7 @@ def _probe() -> KernelChoices:
     # One query over a cache as decoding reads it: a float32 cache is dynamic (a view of the
     # written 768 of 1024 slots), a half-precision one static (every slot; StageLM.new_cache).
     # Over six layers' buffers (~100 MB in float32), so that they come from memory as in a real
-    # step: with one hot buffer bf16 looked as fast as float32, yet in a MusicGen-small-size
-    # step it was 1.85x slower (AMD EPYC, torch.profiler).
+    # step, not from a cache that one hot buffer stays in.
     q = torch.randn(2, 16, 1, 64, generator=gen)
     blocked = torch.zeros(2, 1, 1, 1024, dtype=torch.bool)
     blocked[..., 768:] = True  # unwritten slots

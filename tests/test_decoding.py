@@ -7,6 +7,7 @@ per-machine choices (threads, kernels). Tiny configs only; nothing here is timed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -434,7 +435,8 @@ def test_decode_attention_kernels_give_the_same_tokens(monkeypatch, kv_dtype):
     ctx, mem = context(), text(lm)
     runs = {}
     for kernel in ("sdpa", "matmul"):
-        monkeypatch.setattr(stage_lm, "_DECODE_ATTENTION", {False: kernel, True: kernel})
+        monkeypatch.setattr(stage_lm, "_KERNELS", dataclasses.replace(
+            machine.kernel_choices(), decode_attention_fp32=kernel, decode_attention_half=kernel))
         runs[kernel] = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, kv_dtype=kv_dtype,
                                 static_cache=True)
     (sdpa, s_steps), (mm, m_steps) = runs["sdpa"], runs["matmul"]

@@ -166,7 +166,6 @@ class KVCache:
         shapes = [(g.stop - g.start, config.n_heads, max_steps - g.first, config.head_dim) for g in self.groups]
         self.keys = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(config.n_layers)]
         self.values = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(config.n_layers)]
-        self._max_steps = max_steps
         self.length = 0  # steps already written
         self.static = static
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # == length, as a tensor (static writes)
@@ -177,7 +176,7 @@ class KVCache:
 
     @property
     def max_steps(self) -> int:
-        return self._max_steps
+        return self.key_steps.shape[0]
 
     def query_steps(self, S: int) -> torch.Tensor:
         """Sequence indices [S] of the steps being fed now."""
@@ -262,31 +261,29 @@ def _attend(q, k, v, mask: AttentionMask) -> torch.Tensor:
     return y.masked_fill(mask.empty, 0.0)
 
 
-_DECODE_ATTENTION: dict[bool, str] = {}
+_KERNELS = None  # this machine's stage_stack.machine.KernelChoices, read once per process
+
+
+def _kernels():
+    """The per-machine kernel choices (stage_stack.machine), kept here so that the per-layer
+    checks of a decode step do not go through kernel_choices()' environment read each time."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ..machine import kernel_choices
+
+        _KERNELS = kernel_choices()
+    return _KERNELS
 
 
 def _decode_attention(dtype: torch.dtype) -> str:
-    """"sdpa" or "matmul" for one query over a cache of `dtype` on this machine (cached per process)."""
-    half = dtype in (torch.bfloat16, torch.float16)
-    if half not in _DECODE_ATTENTION:
-        from ..machine import kernel_choices
-
-        choices = kernel_choices()
-        _DECODE_ATTENTION[half] = choices.decode_attention_half if half else choices.decode_attention_fp32
-    return _DECODE_ATTENTION[half]
-
-
-_SKINNY_W_XT: bool | None = None
+    """"sdpa" or "matmul" for one query over a cache of `dtype` on this machine."""
+    k = _kernels()
+    return k.decode_attention_half if dtype in (torch.bfloat16, torch.float16) else k.decode_attention_fp32
 
 
 def _skinny_w_xt() -> bool:
     """Whether this machine streams skinny float32 products faster as W @ x^T (stage_stack.machine)."""
-    global _SKINNY_W_XT
-    if _SKINNY_W_XT is None:
-        from ..machine import kernel_choices
-
-        _SKINNY_W_XT = kernel_choices().skinny_fp32_linear == "w_xt"
-    return _SKINNY_W_XT
+    return _kernels().skinny_fp32_linear == "w_xt"
 
 
 class Linear(nn.Linear):
@@ -556,9 +553,7 @@ class StageLM(nn.Module):
                 # Half the memory of a float32 cache, unless this machine's best half-precision
                 # attention of one query is much slower than its best float32 one (probed per
                 # machine, stage_stack.machine; benchmarks/README.md).
-                from ..machine import kernel_choices
-
-                if kernel_choices().half_kv_cache == "float32":
+                if _kernels().half_kv_cache == "float32":
                     dtype = torch.float32
         if static is None:
             static = (p.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
