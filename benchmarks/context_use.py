@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-cache", type=Path, default=None,
                         help="the same songs' cache built with the expert's context codec (experts that have one)")
     parser.add_argument("--kind", choices=["click", "stems"], default="stems", help="context kind of the pairs")
+    parser.add_argument("--context-stems", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+                        default=None, help="stem contexts hold only these stems, e.g. keys (default: the "
+                                           "instruments the expert was trained to hear, its metadata's hears, "
+                                           "else any other stems)")
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--late", type=float, default=CLICK_SHIFT_SECONDS,
                         help="seconds the 'late' context is moved (default: as validation's val_loss_click_shifted)")
@@ -95,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                                                "songs' cache built with it as --context-cache"
                                                if expert.context_codec is not None else
                                                "this expert has no context codec: leave out --context-cache"))
+    stems = args.context_stems or (tuple(expert.metadata.hears) if expert.metadata.hears else None)
     data = TokenPairDataset(args.cache, expert.instrument, segment_seconds=seconds, context_seconds=(seconds, seconds),
                             full_context_prob=1.0, click_prob=1.0 if args.kind == "click" else 0.0,
                             identity_prob=1.0, samples_per_epoch=args.pairs, seed=args.seed,
-                            context_cache_dir=args.context_cache)
+                            context_cache_dir=args.context_cache, context_stems=stems)
     pairs = [data[i] for i in range(len(data))]
     layout = TokenLayout.for_config(expert.lm.config)
     shift = max(1, round(args.late * data.frame_rate))
@@ -106,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     lm = expert.lm.eval()
 
     rows = []
-    print(f"{expert.instrument} expert {args.expert}, {len(pairs)} {args.kind} pairs of {seconds:g} s from {args.cache}")
+    heard = "" if args.kind == "click" or stems is None else f" (contexts: {'+'.join(stems)} only)"
+    print(f"{expert.instrument} expert {args.expert}, {len(pairs)} {args.kind} pairs of {seconds:g} s from "
+          f"{args.cache}{heard}")
     print(f"{'context':<12} {'first 1 s':>10} {'rest':>10} {'all':>10}")
     for variant in ("right", "late", "other song", "none"):
         losses = frame_losses(lm, layout, pairs, variant, shift)
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
           f"other song {rows[2]['all'] - right:+.4f}, none {rows[3]['all'] - right:+.4f}")
     payload = {"benchmark": "context_use", "expert": str(args.expert), "cache": str(args.cache),
                "context_cache": None if args.context_cache is None else str(args.context_cache), "kind": args.kind,
-               "seconds": seconds, "late_seconds": args.late, "pairs": len(pairs), "machine": machine_info(),
+               "context_stems": None if stems is None else list(stems), "seconds": seconds, "late_seconds": args.late, "pairs": len(pairs), "machine": machine_info(),
                "rows": rows}
     output = args.output or RESULTS / f"context_use_{expert.instrument}_{args.kind}.json"
     print(f"wrote {write_json(output, payload)}")

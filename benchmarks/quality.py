@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the next held-out song's, or silence; the gap is what listening is worth")
     parser.add_argument("--context-stems", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
                         default=None, help="the in-context tasks hear only these stems, e.g. keys "
-                                           "(default: every stem but the target's)")
+                                           "(default: the stems of the instruments the expert was trained to hear, its "
+                                           "metadata's hears, else every stem but the target's)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['tempos']} songs of {QUICK['duration']:g} s")
     parser.add_argument("--tiny", action="store_true", help="random tiny experts: checks the script, scores are noise")
     parser.add_argument("--dtype", default="fp32",

@@ -288,6 +288,10 @@ class Arranger:
                     # picks one), it is disabled, or nothing registers it
                     self.registry.instrument(layer.instrument)
         check_layers(layers, self.instruments, taken=existing)
+        before = list(existing)
+        for layer in layers:
+            _check_hears(layer, before)
+            before.append(layer.key)
         for layer in layers:
             if bpm is None and (layer.click or song_click) != "none":
                 raise InputError(f"layer {layer.key!r}: click mode {layer.click or song_click!r} needs a tempo; "
@@ -495,7 +499,8 @@ class Arranger:
     def _layer_of(record: LayerRecord) -> Layer:
         return Layer(record.instrument, name=record.name, prompt=record.prompt if record.prompt_source == "user" else None,
                      seed=record.seed, gain_db=record.gain_db, candidates=record.candidates,
-                     click=record.click_requested, params=record.sampling.params(), pick=record.picked)
+                     click=record.click_requested, params=record.sampling.params(), pick=record.picked,
+                     hears=None if record.hears_requested is None else tuple(record.hears_requested))
 
     def reproduce(self, manifest_path: str | os.PathLike, out: str | os.PathLike | None = None,
                   callback: ProgressCallback | None = None, wait: bool | float = False) -> Song:
@@ -580,9 +585,10 @@ class Arranger:
         expert = self.expert(layer.instrument)
         timings.load_s = time.perf_counter() - start
 
+        hears = _resolve_hears(layer, m.layers[:index], expert)
         start = time.perf_counter()
-        mix = song.render_mix(upto=index, heard=as_heard)
-        mix_is_empty = m.context is None and index == 0
+        mix = song.render_mix(upto=index, heard=as_heard, hears=hears)
+        mix_is_empty = m.context is None and (index == 0 or hears == [])
         requested = layer.click or m.click
         mode: ClickMode = "click" if mix_is_empty else requested
         click = metronome(m.bpm, m.samples, m.sample_rate) if mode != "none" else None
@@ -618,9 +624,30 @@ class Arranger:
             float(self._registry_default(layer.instrument, "default_gain_db", 0.0)),
             click=mode, click_requested=layer.click, take=take,
             files=[candidate_file(layer.key, take, i) for i in range(layer.candidates)],
-            conditioned_on=m.state_before(index, as_heard), window_plan=result.plan,
+            conditioned_on=m.state_before(index, as_heard, hears), hears=hears,
+            hears_requested=None if layer.hears is None else list(layer.hears), window_plan=result.plan,
             timings=LayerTimings(**{k: round(v, 6) for k, v in timings.model_dump().items()}), created=now())
         return audio.astype(np.float32), record
+
+
+def _check_hears(layer: Layer, earlier: Sequence[str]) -> None:
+    if layer.hears is not None:
+        unknown = [name for name in layer.hears if name not in earlier]
+        if unknown:
+            raise InputError(f"layer {layer.key!r}: hears {', '.join(map(repr, unknown))}, which "
+                             f"{'is' if len(unknown) == 1 else 'are'} not an earlier layer; earlier layers: "
+                             f"{', '.join(earlier) or 'none'}")
+
+
+def _resolve_hears(layer: Layer, earlier: Sequence[LayerRecord], expert: Expert) -> list[str] | None:
+    """The earlier layers `layer` hears (None: all): its own `hears`, else the earlier layers of
+    the instruments its expert was trained to hear (`ExpertMetadata.hears`), when there are any."""
+    if layer.hears is not None:
+        _check_hears(layer, [record.name for record in earlier])
+        return list(layer.hears)
+    trained = expert.metadata.hears
+    chosen = [record.name for record in earlier if trained and record.instrument in trained]
+    return chosen or None
 
 
 def _heard_in(original: Manifest, record: LayerRecord, copy: Manifest) -> dict[str, str]:

@@ -71,7 +71,7 @@ import numpy as np
 from .audio import click_track, write_audio
 from .errors import StageStackError
 from .training.data import ChordSpan
-from .training.synth import STEMS, Song, generate_song
+from .training.synth import SCALES, STEMS, Song, generate_song, parse_key
 
 EVAL_SEED_BASE = 10_000
 TEMPO_RANGE = (80.0, 160.0)  # the synthetic band's range
@@ -314,21 +314,37 @@ class StemScore:
     notes: int | None = None  # pitch classes counted for the share
     tempo: float | None = None  # the tempo the tracker reads in the stem (BPM)
     tempo_match: float | None = None  # 1.0 when `tempo` is within TEMPO_TOLERANCE of the song's, else 0.0
+    # pitched stems: the share of those pitch classes in the song's scale (chance 7/12). A stem
+    # with few chord tones but most notes in key follows the key and misses the chords; one near
+    # 7/12 does not follow the song's key at all.
+    in_key_share: float | None = None
+
+
+def in_key_share(notes: Sequence[DetectedNote], key: str) -> float | None:
+    """The share of the notes' pitch classes in `key`'s scale ("A minor"); None without notes."""
+    root, mode = parse_key(key)
+    scale = {(root + step) % 12 for step in SCALES[mode]}
+    pitch_classes = [pc for note in notes for pc in note.pitch_classes]
+    return float(np.mean([pc in scale for pc in pitch_classes])) if pitch_classes else None
 
 
 def score_stem(audio: np.ndarray, sample_rate: int, instrument: str, beats: Sequence[float],
                chords: Sequence[ChordSpan], trim_seconds: float = BEAT_TRIM_SECONDS,
-               bpm: float | None = None) -> StemScore:
+               bpm: float | None = None, key: str | None = None) -> StemScore:
     tracked = estimate_beats(audio, sample_rate)
     score = StemScore(beat_f1(beats, tracked, trim_seconds))
     if bpm is not None:
         score.tempo = played_tempo(tracked)
         score.tempo_match = float(tempo_matches(score.tempo, bpm))
-    if NOTE_ANALYSIS[instrument] is not None:
-        tones = stem_chord_tones(audio, sample_rate, chords, instrument)
+    analysis = NOTE_ANALYSIS[instrument]
+    if analysis is not None:
+        notes = detect_notes(audio, sample_rate, polyphonic=analysis == "poly")
+        tones = chord_tone_count(notes, chords)
         # A stem without a single note has no chord tones: it scores 0, not "no score".
         score.chord_tone_share = 0.0 if tones.share is None else tones.share
         score.notes = tones.notes
+        if key:
+            score.in_key_share = in_key_share(notes, key)
     return score
 
 
@@ -377,7 +393,7 @@ class EvalSettings:
 
 
 SOURCES = ("generated", "real", "real_coded")
-METRICS = ("f1", "chord_tone_share", "tempo_match")  # the StemScore fields averaged per task
+METRICS = ("f1", "chord_tone_share", "tempo_match", "in_key_share")  # the StemScore fields averaged per task
 
 
 @dataclass
@@ -488,8 +504,9 @@ class EvalReport:
 
         lines = ["| task | context | songs | metric | generated | real stem | real, coded "
                  "| chord tones: generated | real stem | real, coded "
-                 f"| tempo within {TEMPO_TOLERANCE:.0%}: generated | real stem | real, coded |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 f"| tempo within {TEMPO_TOLERANCE:.0%}: generated | real stem | real, coded "
+                 "| in key: generated | real stem | real, coded |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in self.tasks:
             cells = [" | ".join(cell(t.mean(metric, source)) for source in SOURCES)
                      for metric in METRICS]
@@ -544,7 +561,8 @@ class _Protocol:
 
     def score(self, audio: np.ndarray, song: Song, instrument: str) -> StemScore:
         return score_stem(audio, song.sample_rate, instrument, song.metadata.beats, song.metadata.chords,
-                          self.settings.trim_seconds, bpm=song.metadata.bpm if instrument == "drums" else None)
+                          self.settings.trim_seconds, bpm=song.metadata.bpm if instrument == "drums" else None,
+                          key=song.metadata.key or None)
 
     def reference(self, song: Song, instrument: str, expert=None) -> StemScore:
         """The real stem's scores, as is or (with `expert`) through the expert's codec."""
@@ -566,6 +584,15 @@ class _Protocol:
         arranger = Arranger(experts={instrument: expert}, device_map=str(expert.device))
         songs = self.songs(expert.sample_rate)
         stems = self.settings.context_stems
+        if stems is None and expert.metadata.hears:
+            # what the Arranger gives this expert in a song: the layers of the instruments it was
+            # trained to hear (Layer.hears), here the song's stems of those instruments
+            stems = tuple(expert.metadata.hears)
+            unknown = sorted(set(stems) - set(STEMS))
+            if unknown:
+                raise EvaluationError(f"{expert.path}: the expert hears {', '.join(unknown)} (metadata 'hears'), "
+                                      f"which the held-out songs do not have; they have {', '.join(STEMS)}. "
+                                      f"Pass context_stems (--context-stems) to choose what it hears")
         if stems is not None and instrument in stems:
             raise EvaluationError(f"context_stems {list(stems)} include the {instrument!r} stem the expert must "
                                   f"generate; leave it out")

@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -99,6 +99,10 @@ class ExpertMetadata(BaseModel):
     license: str = "unknown"
     description: str = ""
     default_prompt: str = ""
+    # The instruments whose stems the expert was trained to hear (its training's
+    # data.context_stems); the Arranger then gives it those earlier layers only (Layer.hears).
+    # None: it was trained on mixes of every other stem.
+    hears: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     training: dict[str, Any] = Field(default_factory=dict)
     model_card: str = ""
 
@@ -182,7 +186,10 @@ class ExpertMetadata(BaseModel):
 
     # -- (de)serialisation to safetensors' string -> string header -----------------------------
     def to_header(self) -> dict[str, str]:
-        return {k: json.dumps(v) for k, v in self.model_dump(mode="json").items()}
+        # `hears` is left out when unset, so an expert that does not use it has the header that
+        # stage-stack versions without the field read.
+        skip = {"hears"} if self.hears is None else set()
+        return {k: json.dumps(v) for k, v in self.model_dump(mode="json", exclude=skip).items()}
 
     @classmethod
     def from_header(cls, header: dict[str, str] | None, source: str) -> "ExpertMetadata":

@@ -19,6 +19,10 @@ from .machine import SMALL_MODEL_PARAMS, decode_threads
 from .models.quant import weight_count
 from .models.stage_lm import RowGroup, StageLM
 
+# Prefill steps per forward pass. Set from the prefill's time and peak memory at MusicGen-small
+# size (benchmarks/README.md, "A chunked prefill").
+PREFILL_CHUNK = 128
+
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 
 
@@ -126,6 +130,7 @@ def generate(
     static_cache: bool | None = None,
     kv_dtype: torch.dtype | None = None,
     skip_pad_context: bool = True,
+    prefill_chunk: int | None = PREFILL_CHUNK,
 ):
     """Generate `n_frames` target frames for each context: returns codes [B * num_samples, K, n_frames].
 
@@ -142,7 +147,9 @@ def generate(
     `kv_dtype` overrides the cache dtype (default: `StageLM.new_cache` chooses).
     `skip_pad_context`: the unconditional rows' cache leaves out their PAD context, which no
     query attends to (exact; a quarter of the cache with equal context and target lengths);
-    False keeps it, as upstream does. The thread count is chosen per call
+    False keeps it, as upstream does. `prefill_chunk`: the prompt is run through the cache
+    this many steps at a time (None: in one pass; the same logits up to float rounding), so
+    that its activations do not grow with the context. The thread count is chosen per call
     (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
     """
     device = lm.final_norm.weight.device
@@ -155,11 +162,11 @@ def generate(
                          params=params, seed=seed, generator=generator, callback=callback, use_cache=use_cache,
                          return_steps=return_steps, mode=mode,
                          static=True if mode != "eager" else static_cache, kv_dtype=kv_dtype,
-                         skip_pad_context=skip_pad_context)
+                         skip_pad_context=skip_pad_context, prefill_chunk=prefill_chunk)
 
 
 def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,
-              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context):
+              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context, prefill_chunk):
     layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
@@ -186,6 +193,10 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
 
     seq = batch.codes.clone()
     B, K, S = seq.shape
+    if prefill_chunk is None:
+        prefill_chunk = S
+    elif prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive number of steps or None, got {prefill_chunk}")
     mask = batch.attention_mask
     positions = batch.positions
     total = S - batch.start_offset
@@ -209,13 +220,16 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
         start = cache.length
         if runner is not None and offset - start == 1:
             return runner(seq[..., start:offset], positions[:, start:offset])
-        if static:  # the prefill of a static cache: eager, advanced here
-            out = lm(seq[..., start:offset], mask, memory, memory_mask, cache=cache,
-                     positions=positions[:, start:offset], last_only=True)
-            cache.advance(offset - start)
-        else:
-            out = lm(seq[..., start:offset], mask[:, :offset], memory, memory_mask, cache=cache,
-                     positions=positions[:, start:offset], last_only=True)
+        # The prefill, in chunks: its activations then scale with the chunk, not the context.
+        for lo in range(start, offset, prefill_chunk):
+            hi = min(offset, lo + prefill_chunk)
+            if static:  # eager, advanced here
+                out = lm(seq[..., lo:hi], mask, memory, memory_mask, cache=cache,
+                         positions=positions[:, lo:hi], last_only=True)
+                cache.advance(hi - lo)
+            else:
+                out = lm(seq[..., lo:hi], mask[:, :hi], memory, memory_mask, cache=cache,
+                         positions=positions[:, lo:hi], last_only=True)
         return out[:, :, -1].float()
 
     for i, offset in enumerate(range(batch.start_offset, S)):

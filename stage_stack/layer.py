@@ -34,6 +34,9 @@ class Layer:
     click       "none", "mix+click" or "click" (default: the song's click mode)
     params      sampling parameters (default: SamplingParams(), the reference's)
     pick        which candidate the next layers hear (default: the first)
+    hears       the earlier layers this one hears, by name (default: what its expert was
+                trained to hear, `ExpertMetadata.hears`, else all of them); the song's own
+                context audio is always heard
     """
 
     instrument: str
@@ -45,6 +48,7 @@ class Layer:
     click: ClickMode | None = None
     params: SamplingParams | None = None
     pick: int = 0
+    hears: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.instrument, str) or not self.instrument:
@@ -66,6 +70,12 @@ class Layer:
             raise InputError(f"layer {self.key!r}: seed must be a non-negative integer, got {self.seed!r}")
         if self.gain_db is not None and not (np.isfinite(self.gain_db) and -60.0 <= self.gain_db <= 24.0):
             raise InputError(f"layer {self.key!r}: gain_db must be from -60 to +24 dB, got {self.gain_db!r}")
+        if self.hears is not None:
+            if isinstance(self.hears, str) or not all(isinstance(n, str) and LAYER_NAME.match(n) for n in self.hears):
+                raise InputError(f"layer {self.key!r}: hears must be a list of layer names, got {self.hears!r}")
+            if self.key in self.hears:
+                raise InputError(f"layer {self.key!r}: hears names the layer itself; name earlier layers only")
+            object.__setattr__(self, "hears", tuple(self.hears))
         if self.click is not None and self.click not in CLICK_MODES:
             raise InputError(f"layer {self.key!r}: click must be one of {', '.join(CLICK_MODES)}, got {self.click!r}")
 

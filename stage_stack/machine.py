@@ -217,6 +217,8 @@ class KernelChoices:
 # bf16 decode step (torch.profiler), so 1.25x slower attention costs a few percent of a step.
 HALF_KV_SLOWDOWN = 1.25
 PROBE_LAYERS = 6
+# Part of the cache key: a changed probe measures again instead of trusting an older one's choice.
+PROBE_VERSION = 2
 
 
 def _time_ms(fn, repeats: int = 8) -> float:
@@ -230,8 +232,9 @@ def _time_ms(fn, repeats: int = 8) -> float:
 
 
 def probe_kernels() -> KernelChoices:
-    """Time the alternatives on decode-shaped work (a 2-row 1024 -> 4096 product; one query over
-    a 1024-slot cache, 16 heads of 64, in six layers' buffers): ~0.2 s and ~150 MB, once per machine.
+    """Time the alternatives on decode-shaped work (a 2-row 1024 -> 4096 product over six
+    layers' weights; one query over a 1024-slot cache, 16 heads of 64, in six layers' buffers):
+    ~1 s and ~150 MB, once per machine.
 
     On one thread (several threads on busy cores time the spin-waits, not the kernels). An
     alternative must win by 10 % to replace the default (F.linear; SDPA), so a noisy probe keeps
@@ -258,12 +261,16 @@ def _probe() -> KernelChoices:
     from .models.stage_lm import matmul_attention
 
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(4096, 1024, generator=gen)
+    # Six layers' weights (96 MB), streamed from memory as in a real step. With one 16 MB
+    # matrix, which stays in the last-level cache, the choice flipped from run to run on an
+    # AMD EPYC (W @ x^T 0.61-0.85x of F.linear's time); over six it was 0.44-0.48x every time.
+    weights = [torch.randn(4096, 1024, generator=gen) for _ in range(PROBE_LAYERS)]
     x = torch.randn(2, 1024, generator=gen)
     ms = {
-        "fp32_linear": _time_ms(lambda: F.linear(x, w)),
-        "fp32_w_xt": _time_ms(lambda: (w @ x.t()).t().contiguous()),
+        "fp32_linear": _time_ms(lambda: [F.linear(x, w) for w in weights]) / PROBE_LAYERS,
+        "fp32_w_xt": _time_ms(lambda: [(w @ x.t()).t().contiguous() for w in weights]) / PROBE_LAYERS,
     }
+    del weights
     # One query over a cache as decoding reads it: a float32 cache is dynamic (a view of the
     # written 768 of 1024 slots), a half-precision one static (every slot; StageLM.new_cache).
     # Over six layers' buffers (~100 MB in float32), so that they come from memory as in a real
@@ -339,7 +346,7 @@ def bf16_training_ratio(width: int = 256, rows: int = 1024) -> float:
 def _cache_key() -> str:
     # Not the thread count: the choice is made on one thread, and a key per count made a model's
     # KV dtype depend on whether it was asked before or inside decode_threads.
-    return f"{cpu_model()}|torch {torch.__version__}"
+    return f"{cpu_model()}|torch {torch.__version__}|probe {PROBE_VERSION}"
 
 
 def _cache_file() -> Path:

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
@@ -174,6 +174,8 @@ class LayerRecord(_Model):
     take: int = Field(ge=1)  # 1, then +1 per redo
     files: list[RelativePath]  # candidate files, relative to the arrangement
     conditioned_on: dict[str, str]  # {earlier layer: "take.picked gain dB"} at generation time
+    hears: list[LayerName] | None = None  # the earlier layers it heard (None: all of them)
+    hears_requested: list[LayerName] | None = None  # the layer's own setting, None = its expert's default
     window_plan: WindowPlan
     timings: LayerTimings
     created: dt.datetime
@@ -270,11 +272,15 @@ class Manifest(_Model):
     def layer(self, name: str) -> LayerRecord:
         return self.layers[self.index(name)]
 
-    def state_before(self, index: int, heard: dict[str, str] | None = None) -> dict[str, str]:
+    def state_before(self, index: int, heard: dict[str, str] | None = None,
+                     hears: Sequence[str] | None = None) -> dict[str, str]:
         """What a layer at `index` hears: the context and the earlier layers' take, pick and gain
-        (`heard`: the states a reproduction used instead, where they are of the same take)."""
+        (`heard`: the states a reproduction used instead, where they are of the same take;
+        `hears`: only these earlier layers)."""
         state = {}
         for layer in self.layers[:index]:
+            if hears is not None and layer.name not in hears:
+                continue
             state[layer.name] = layer.state
             if heard and layer.name in heard:
                 take, picked, gain = parse_state(heard[layer.name])
@@ -289,7 +295,7 @@ class Manifest(_Model):
         """Layers generated against earlier layers that were since picked, redone, removed or re-gained."""
         out = []
         for i, layer in enumerate(self.layers):
-            now = self.state_before(i)
+            now = self.state_before(i, hears=layer.hears)
             heard = layer.conditioned_on
             if set(heard) != set(now) or not all(same_state(heard[k], now[k]) for k in now if k != "<context>") \
                     or heard.get("<context>") != now.get("<context>"):

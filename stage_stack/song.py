@@ -67,16 +67,20 @@ class Song:
         return self.candidates[name]
 
     # -- mixing -----------------------------------------------------------------------------
-    def render_mix(self, upto: int | None = None, heard: Mapping[str, str] | None = None) -> np.ndarray:
+    def render_mix(self, upto: int | None = None, heard: Mapping[str, str] | None = None,
+                   hears: Sequence[str] | None = None) -> np.ndarray:
         """The limited mix of the context and the picked stems of the first `upto` layers (all: None).
 
         heard  {layer: LayerRecord.state} to use another candidate and gain than the current ones
                (what a layer's `conditioned_on` says it heard); layers of another take use their own
+        hears  only these of those layers (a layer's `hears`); None: all
         """
         m = self.manifest
         layers = m.layers if upto is None else m.layers[:upto]
         stems = []
         for layer in layers:
+            if hears is not None and layer.name not in hears:
+                continue
             picked, gain = layer.picked, layer.gain_db
             if heard and layer.name in heard:
                 take, was_picked, was_gain = parse_state(heard[layer.name])

@@ -86,15 +86,41 @@ def test_cfg_row_groups_start_at_each_half_s_first_valid_step():
     assert cfg_row_groups(batch.attention_mask, 2) == (RowGroup(0, 2, 1), RowGroup(2, 4, 6))
 
 
-def test_cache_groups_are_validated_and_must_be_reached():
+def test_cache_groups_are_validated():
     with pytest.raises(ValueError, match="groups must split rows 0..4 in order"):
         KVCache(CONFIG, 4, 10, "cpu", torch.float32, groups=(RowGroup(0, 2), RowGroup(3, 4)))
     with pytest.raises(ValueError, match="each keeping a step < 10"):
         KVCache(CONFIG, 2, 10, "cpu", torch.float32, groups=(RowGroup(0, 1), RowGroup(1, 2, 10)))
+
+
+def test_a_write_that_ends_before_a_group_s_first_step_keeps_nothing_for_it():
     cache = KVCache(CONFIG, 2, 10, "cpu", torch.float32, groups=(RowGroup(0, 1), RowGroup(1, 2, 6)))
-    k = torch.zeros(2, CONFIG.n_heads, 4, CONFIG.head_dim)
-    with pytest.raises(ValueError, match="first kept step 6: the prefill must reach it"):
-        cache.store(0, k, k)
+    k = torch.ones(2, CONFIG.n_heads, 4, CONFIG.head_dim)
+    first, second = cache.store(0, k, k)
+    assert second is None and first[0].shape[2] == 4 and cache.keys[0][1].abs().sum() == 0
+    cache.advance(4)
+    first, second = cache.store(0, 2 * k, 2 * k)  # steps 4..7: the group keeps 6 and 7
+    assert second[0].shape[2] == 2 and torch.equal(second[0], 2 * k[1:, :, 2:])
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_a_chunked_prefill_gives_the_one_pass_tokens_and_logits(static, chunk):
+    # contexts of 7 and 4 steps: chunks of 1, 3 and 5 end before, at and across the unconditional
+    # rows' first kept step (their SEP at step 8), and split the conditional rows' context too
+    lm = sharp_lm()
+    ctx, mem = context(lengths=(7, 4)), text(lm)
+    one, one_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static,
+                              prefill_chunk=None)
+    chunked, steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static,
+                              prefill_chunk=chunk)
+    assert torch.equal(one, chunked) and (one_steps - steps).abs().max() < 1e-5
+
+
+def test_prefill_chunk_must_be_positive():
+    lm = sharp_lm()
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive number of steps or None, got 0"):
+        generate(lm, context(), 3, params=GREEDY, prefill_chunk=0)
 
 
 def test_static_cache_with_aligned_positions_equals_dynamic():

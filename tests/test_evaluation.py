@@ -246,7 +246,7 @@ def test_evaluate_runs_every_task_and_reports_the_real_stems(tiny_experts, tmp_p
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["experts"]["drums (no click pairs)"]["sha256"] and data["tempos"] == [100.5, 140.5]
     assert len(data["tasks"][3]["per_song"]) == 2 and set(data["tasks"][3]["per_song"][0]["real_coded"]) == {
-        "f1", "chord_tone_share", "notes", "tempo", "tempo_match"}
+        "f1", "chord_tone_share", "notes", "tempo", "tempo_match", "in_key_share"}
     assert data["summary"][3]["mean"]["real"]["f1"] == report.task("bass").mean("f1", "real")
     table = report.table()
     assert "| bass | drums+keys+lead | 2 | rhythmic F1 |" in table and "click pairs help" in table
@@ -396,3 +396,50 @@ def test_a_control_run_reports_its_context_and_claims_no_target(tiny_experts):
     bass_target = next(t for t in report.targets if t.description.startswith("bass in context"))
     assert bass_target.met is None and "(control: silence)" in bass_target.description
     assert bass_target.value == report.task("bass").mean("chord_tone_share")
+
+
+def _hearing(path: Path, out: Path, hears: list[str]) -> Path:
+    """A copy of the expert file at `path` whose metadata says it was trained to hear `hears`."""
+    from safetensors.torch import load_file
+
+    from stage_stack.expert import atomic_save_safetensors, read_metadata
+
+    metadata = read_metadata(path).model_copy(update={"hears": hears})
+    return atomic_save_safetensors(load_file(str(path)), out, metadata.to_header())
+
+
+@pytest.mark.slow
+def test_an_expert_trained_to_hear_some_stems_is_scored_over_those(tiny_experts, tmp_path):
+    bass = _hearing(tiny_experts["bass"], tmp_path / "bass.safetensors", ["keys"])
+    report = evaluate([bass], settings=QUICK)
+    assert report.task("bass").context == "keys"
+    target = next(t for t in report.targets if t.description.startswith("bass in context"))
+    assert "control" not in target.description and target.met is not None  # what users get: it claims the target
+    guitar = _hearing(tiny_experts["bass"], tmp_path / "bass-guitar.safetensors", ["guitar"])
+    with pytest.raises(EvaluationError, match=r"the expert hears guitar \(metadata 'hears'\), which the held-out "
+                                              r"songs do not have"):
+        evaluate([guitar], settings=QUICK)
+
+
+@pytest.mark.slow
+def test_in_key_share_of_the_real_keys_is_near_1_of_random_pitches_near_7_in_12_and_of_another_key_lower(songs):
+    from stage_stack.evaluation import in_key_share
+
+    picked = songs[::2]
+    rng = np.random.default_rng(1)
+    real, scrambled, transposed = [], [], []
+    for s in picked:
+        notes = detect_notes(s.stems["keys"], SR, polyphonic=True)
+        real.append(in_key_share(notes, s.metadata.key))
+        scrambled.append(in_key_share(detect_notes(_random_pitch_stem(s, "keys", rng), SR, polyphonic=True),
+                                      s.metadata.key))
+        # the same notes heard against the key a tritone away share few scale tones with it
+        root, mode = s.metadata.key.split()
+        names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+        flats = ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
+        index = names.index(root) if root in names else flats.index(root)
+        transposed.append(in_key_share(notes, f"{names[(index + 6) % 12]} {mode}"))
+    assert np.mean(real) >= 0.95
+    assert 0.45 <= np.mean(scrambled) <= 0.7  # chance: 7 / 12 = 0.58
+    assert np.mean(transposed) <= 0.5
+    assert in_key_share([], "C major") is None

@@ -334,3 +334,19 @@ def test_uninstalled_instruments_come_with_their_install_command(band, tmp_path,
         new_song(client)
         r = client.post("/api/songs/s1/layers", json={"instrument": "guitar"})
         assert r.status_code == 400 and "stage-stack install guitar" in r.json()["error"]
+
+
+def test_a_layer_added_in_the_page_can_hear_chosen_layers(studio_client):
+    studio, client = studio_client
+    new_song(client)
+    wait(studio, client.post("/api/songs/s1/layers", json={"instrument": "drums", "candidates": 2}).json())
+    wait(studio, client.post("/api/songs/s1/layers", json={"instrument": "keys"}).json())
+    wait(studio, client.post("/api/songs/s1/layers", json={"instrument": "bass", "hears": ["keys"]}).json())
+    state = client.get("/api/songs/s1").json()
+    assert [layer["hears"] for layer in state["layers"]] == [None, None, ["keys"]]
+    state = client.post("/api/songs/s1/layers/drums/pick", json={"candidate": 1}).json()
+    assert [layer["stale"] for layer in state["layers"]] == [False, True, False]  # the bass did not hear the drums
+    r = client.post("/api/songs/s1/layers", json={"instrument": "bass", "name": "bass2", "hears": ["lead"]})
+    assert r.status_code == 400 and "hears 'lead', which is not an earlier layer" in r.json()["error"]
+    r = client.post("/api/songs/s1/layers", json={"instrument": "bass", "name": "bass3", "hears": ["../x"]})
+    assert r.status_code == 422 and "field 'hears" in r.json()["error"]

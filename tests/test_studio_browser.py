@@ -105,13 +105,18 @@ def test_build_play_pick_undo_download(server, page, tmp_path):
     wait_idle(page)
     page.select_option("#instrument-select", "bass")
     page.fill("#add-form input[name=candidates]", "1")
+    page.click("#add-form details summary")
+    page.fill("#add-form input[name=hears]", "drums")  # what it hears, said in the page
     page.click("#generate")
     page.wait_for_selector("#job:not([hidden])", timeout=30_000)
     shot(page, "2-generating")
     page.wait_for_selector(".lane[data-layer=bass] .wave[data-ready]", timeout=120_000)
     wait_idle(page)
+    page.fill("#add-form input[name=hears]", "")
     assert page.locator(".lane[data-layer=drums] .chip").count() == 2
     assert [layer["name"] for layer in studio.state("demo")["layers"]] == ["drums", "bass"]
+    assert studio.state("demo")["layers"][1]["hears"] == ["drums"]
+    assert "hears drums" in page.locator(".lane[data-layer=bass] .lane-meta").text_content()
 
     # play: the transport's clock moves
     page.click("#play")

@@ -563,10 +563,15 @@ def test_the_card_says_when_contexts_favour_the_densest_mix():
     from stage_stack.training.export import model_card
 
     repo = Path(__file__).resolve().parents[1]
-    config = load_config(repo / "configs" / "demo-bass.yaml", TrainConfig)
+    config = load_config(repo / "configs" / "demo-bass-stage2.yaml", TrainConfig)
     metadata = read_metadata(WEIGHTS_DIR / "bass.safetensors")
     upstream = model_card(config, metadata, metadata.training)
     assert "contexts: a random non-empty subset of the other audible stems, or with p = 0.25" in upstream
+    shipped = load_config(repo / "configs" / "demo-bass.yaml", TrainConfig)
+    assert shipped.data.context_stems == ("keys",)
+    assert ("contexts: a random non-empty subset of the audible stems of `keys` (not in STAGE's recipe: the "
+            "Arranger gives this expert those instruments' layers only, its metadata's `hears`), or with p = 0.25"
+            in model_card(shipped, metadata, metadata.training))
     dense = config.model_copy(update={"data": config.data.model_copy(update={"all_stems_prob": 0.5})})
     assert ("other audible stems (all of them with p = 0.5, not in STAGE's recipe), or with p = 0.25"
             in model_card(dense, metadata, metadata.training))

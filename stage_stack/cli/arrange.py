@@ -219,8 +219,20 @@ def _finish(song, quiet: bool, bars: ProgressBars) -> None:
                        f"`stage-stack redo {song.path} LAYER` regenerates one", err=True)
 
 
+def _hears_of(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """('bass=keys', 'lead=keys+bass', 'pad=') -> {"bass": ("keys",), "lead": ("keys", "bass"), "pad": ()}."""
+    out = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{value!r}: expected LAYER=A+B, e.g. bass=keys (LAYER= to hear no layer)")
+        out[key.strip()] = tuple(name.strip() for name in rest.split("+") if name.strip())
+    return out
+
+
 def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tuple[str, ...],
-                  prompts: tuple[str, ...], gains: tuple[str, ...], click_mode: str | None, sampling=None):
+                  prompts: tuple[str, ...], gains: tuple[str, ...], click_mode: str | None, sampling=None,
+                  hears: tuple[str, ...] = ()):
     from ..layer import Layer
 
     pairs = [entry for item in instruments for entry in parse_layers(item)] + parse_layers(add or "")
@@ -228,6 +240,7 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
         return []
     prompt_of = _pairs(prompts, "LAYER=TEXT", "keys='warm electric piano'")
     gain_of = {k: _float(v, "--gain") for k, v in _pairs(gains, "LAYER=DB", "bass=-3").items()}
+    hears_of = _hears_of(hears)
     default_candidates, candidates_of = 1, {}
     for value in candidates:
         if "=" in value:
@@ -243,9 +256,10 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
         except ValueError:
             raise click.BadParameter(f"--candidates for {key!r} must be an integer") from None
         layers.append(Layer(instrument, name=name, prompt=prompt_of.get(key), gain_db=gain_of.get(key), candidates=n,
-                            click=click_mode, params=sampling))
+                            click=click_mode, params=sampling, hears=hears_of.get(key)))
     known = {layer.key for layer in layers}
-    for option, values in (("--prompt", prompt_of), ("--gain", gain_of), ("--candidates", candidates_of)):
+    for option, values in (("--prompt", prompt_of), ("--gain", gain_of), ("--candidates", candidates_of),
+                           ("--hears", hears_of)):
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{option} names layer(s) {', '.join(unknown)} that are not arranged; "
@@ -269,6 +283,9 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @click.option("--candidates", multiple=True, metavar="N|LAYER=N", help="Variations per layer (all are kept).")
 @click.option("--prompt", "prompts", multiple=True, metavar="LAYER=TEXT", help="Text prompt for a layer.")
 @click.option("--gain", "gains", multiple=True, metavar="LAYER=DB", help="Mix gain of a layer in dB.")
+@click.option("--hears", "hears", multiple=True, metavar="LAYER=A+B",
+              help="The earlier layers a layer hears, '+'-separated (e.g. bass=keys; LAYER= for none). Default: "
+                   "what its expert was trained to hear, else all of them.")
 @click.option("--sample-rate", type=int, help="The song's rate (4000-384000 Hz). Default: the context's, else the experts'.")
 @click.option("--from", "from_manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="Reproduce the arrangement this manifest.json describes.")
@@ -278,24 +295,25 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @writer_options
 @sampling_options
 @click.pass_context
-def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, sample_rate,
+def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, hears,
+            sample_rate,
             from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force, sampling):
     """Generate an arrangement layer by layer into OUT (manifest.json, stems/, mix.wav)."""
     bars = ProgressBars(quiet)
     with user_errors(), song_lock(out, wait):
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype, sample_rate=sample_rate)
         if from_manifest is not None:
-            if instruments or add or context or sampling:
+            if instruments or add or context or sampling or hears:
                 raise InputError("--from reproduces a manifest as it is; leave out layers, --context and the "
                                  "sampling options")
             song = arranger.reproduce(from_manifest, out=out, callback=bars, wait=wait)
             return _finish(song, quiet, bars)
-        layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode, sampling)
+        layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode, sampling, hears)
         if not layers:
             chain = arranger.registry.default_chain if arranger.registry is not None else []
             if not chain:
                 raise InputError("name the layers to arrange, e.g. --add drums,bass")
-            layers = _build_layers(tuple(chain), None, candidates, prompts, gains, click_mode, sampling)
+            layers = _build_layers(tuple(chain), None, candidates, prompts, gains, click_mode, sampling, hears)
             if not quiet:
                 click.echo(f"layers: {', '.join(chain)} (the registry's default chain)", err=True)
         song, pending = arranger.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click_mode,
@@ -321,12 +339,14 @@ def _open(directory: Path, wait: bool = False):
 @click.option("--gain", type=float, help="Mix gain in dB.")
 @click.option("--candidates", type=int, default=1, show_default=True)
 @click.option("--click", "click_mode", type=click.Choice(CLICK_MODES), help="Default: the song's click mode.")
+@click.option("--hears", metavar="A+B", help="The earlier layers it hears, '+'-separated (e.g. keys; '' for none). "
+              "Default: what its expert was trained to hear, else all of them.")
 @arranger_options
 @writer_options
 @sampling_options
 @click.pass_context
-def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, experts, device_map, max_memory, dtype,
-        quiet, wait, force, sampling):
+def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, hears, experts, device_map, max_memory,
+        dtype, quiet, wait, force, sampling):
     """Add LAYER (`instrument` or `name=instrument`) to the arrangement in DIRECTORY."""
     from ..layer import Layer
 
@@ -339,8 +359,9 @@ def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, exper
         song = _open(directory, wait)
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
         arranger.adopt_experts(song.manifest)
+        heard = None if hears is None else tuple(n.strip() for n in hears.split("+") if n.strip())
         arranger.add(song, Layer(instrument, name=name, prompt=prompt, seed=seed, gain_db=gain, candidates=candidates,
-                                 click=click_mode, params=sampling), callback=bars, force=force)
+                                 click=click_mode, params=sampling, hears=heard), callback=bars, force=force)
         _finish(song, quiet, bars)
 
 

@@ -64,7 +64,8 @@ def _bundled_experts() -> list[Path]:
 @click.option("--context-source", type=click.Choice(CONTEXT_SOURCES), default="song", show_default=True,
               help="Control for the in-context tasks: the song's own stems, the next held-out song's, or "
                    "silence (a control run claims no target).")
-@click.option("--context-stems", help="The in-context tasks hear only these stems, comma-separated (e.g. keys).")
+@click.option("--context-stems", help="The in-context tasks hear only these stems, comma-separated (e.g. keys). "
+              "Default: what each expert was trained to hear (its metadata's hears), else every other stem.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full report (per-song scores) as JSON here.")
 @click.option("--audio-dir", type=click.Path(file_okay=False, path_type=Path),

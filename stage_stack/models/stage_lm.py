@@ -149,7 +149,8 @@ class KVCache:
     [g.first, max_steps) only, in its own buffers, and attention runs per group. Steps before
     `first` must be masked for every row of the group; writes to them are dropped (a static
     one-step write before `first` lands in slot 0, which the causal mask hides until step
-    `first` overwrites it), and the first call must reach every group's `first` step.
+    `first` overwrites it). A multi-step write that ends before a group's `first` (a prefill
+    chunk) keeps nothing for it, and its queries there, all masked, attend to nothing (output 0).
     """
 
     def __init__(self, config: StageLMConfig, batch: int, max_steps: int, device, dtype, static: bool = False,
@@ -195,9 +196,9 @@ class KVCache:
                 values.index_copy_(2, slot, vg.to(values.dtype))
             else:
                 skip = max(0, g.first - self.length)  # new steps before `first`: masked, dropped
-                if skip >= S:
-                    raise ValueError(f"steps {self.length}..{self.length + S - 1} end before rows {g.start}.."
-                                     f"{g.stop - 1}'s first kept step {g.first}: the prefill must reach it")
+                if skip >= S:  # a prefill chunk that ends before `first`: nothing to keep or read
+                    out.append(None)
+                    continue
                 at = self.length + skip - g.first
                 keys[:, :, at : at + S - skip] = kg[:, :, skip:]
                 values[:, :, at : at + S - skip] = vg[:, :, skip:]
@@ -261,6 +262,15 @@ def _attend(q, k, v, mask: AttentionMask) -> torch.Tensor:
     return y.masked_fill(mask.empty, 0.0)
 
 
+def _attend_group(q, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: AttentionMask) -> torch.Tensor:
+    """One row group's attention over its cached keys; None (no step kept yet: every query of
+    the group is masked) gives 0, as `_attend` gives a query without any allowed key."""
+    if kv is None:
+        return torch.zeros_like(q)
+    k, v = kv
+    return _attend(q.to(k.dtype), k, v, mask)
+
+
 _KERNELS = None  # this machine's stage_stack.machine.KernelChoices, read once per process
 
 
@@ -321,8 +331,8 @@ class SelfAttention(nn.Module):
             y = _attend(q, k, v, mask[0])
         else:  # per row group of the cache (KVCache, RowGroup); the cache may be wider than x
             one = len(cache.groups) == 1
-            ys = [_attend((q if one else q[g.start : g.stop]).to(kg.dtype), kg, vg, m).to(x.dtype)
-                  for g, (kg, vg), m in zip(cache.groups, cache.store(layer, k, v), mask)]
+            ys = [_attend_group(q if one else q[g.start : g.stop], kv, m).to(x.dtype)
+                  for g, kv, m in zip(cache.groups, cache.store(layer, k, v), mask)]
             y = ys[0] if one else torch.cat(ys)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 

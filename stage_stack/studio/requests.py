@@ -53,6 +53,8 @@ class NewLayer(_Request):
     click: ClickChoice | None = None
     gain_db: Gain | None = None
     sampling: Sampling = Sampling()
+    # the earlier layers it hears (None: what its expert was trained to hear, else all of them)
+    hears: Annotated[list[Name], Field(max_length=64)] | None = None
 
 
 class Redo(_Request):

@@ -56,7 +56,10 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
         "",
         f"- songs: {data.get('train_songs', '?')} training, {data.get('valid_songs', '?')} validation "
         f"({data.get('source', '')})",
-        f"- target stem: `{config.data.target_stem}`; contexts: a random non-empty subset of the other audible stems"
+        f"- target stem: `{config.data.target_stem}`; contexts: "
+        + (f"a random non-empty subset of the audible stems of {_joined(config.data.context_stems)} (not in STAGE's "
+           f"recipe: the Arranger gives this expert those instruments' layers only, its metadata's `hears`)"
+           if config.data.context_stems else "a random non-empty subset of the other audible stems")
         + (f" (all of them with p = {config.data.all_stems_prob}, not in STAGE's recipe)"
            if config.data.all_stems_prob else "")
         + f", or with p = {config.data.click_prob} a click track on the song's beats (accented downbeats)",
@@ -102,6 +105,10 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
     return "\n".join(lines)
 
 
+def _joined(stems) -> str:
+    return " + ".join(f"`{stem}`" for stem in stems)
+
+
 def expert_metadata_for(config: TrainConfig, lm: StageLM, codec: Codec, base: ExpertMetadata | None,
                         training: dict, context_codec: Codec | None = None) -> ExpertMetadata:
     """Metadata of the exported expert: the base expert's codec/text references, or an embedded codec."""
@@ -115,6 +122,7 @@ def expert_metadata_for(config: TrainConfig, lm: StageLM, codec: Codec, base: Ex
         license=config.export.license,
         description=config.export.description,
         default_prompt=config.export.default_prompt,
+        hears=None if config.data.context_stems is None else list(config.data.context_stems),
         training=training,
         context_codec_config=None if context_codec is None else context_codec.config.to_dict(),
     )

@@ -181,7 +181,8 @@ function renderLane(lane) {
   if (lane.kind === "layer") {
     const l = lane.layer;
     el.querySelector(".lane-meta").textContent =
-      `${l.instrument !== l.name ? l.instrument + ", " : ""}take ${l.take}, seed ${l.seed}${l.prompt ? `, “${l.prompt}”` : ""}`;
+      `${l.instrument !== l.name ? l.instrument + ", " : ""}take ${l.take}, seed ${l.seed}${l.prompt ? `, “${l.prompt}”` : ""}` +
+      (l.hears ? `, hears ${l.hears.length ? l.hears.join(" + ") : "no layer"}` : "");
     if (l.stale) {
       const badge = document.createElement("span");
       badge.className = "badge stale";
@@ -508,6 +509,7 @@ async function addLayer(event) {
   if (f.seed.value !== "") body.seed = Number(f.seed.value);
   if (f.prompt.value) body.prompt = f.prompt.value;
   if (f.click.value) body.click = f.click.value;
+  if (f.hears.value.trim()) body.hears = f.hears.value.split(",").map((n) => n.trim()).filter((n) => n);
   await act(`adding ${body.name || body.instrument}`, async () => {
     watchJob(await api("POST", `${songPath()}/layers`, body));
     f.name.value = "";
