@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, write_json  # noqa: E402
 
+from stage_stack.evaluation import parse_stems  # noqa: E402
 from stage_stack.expert import load_expert  # noqa: E402
 from stage_stack.layout import TokenLayout  # noqa: E402
 from stage_stack.training.token_cache import TokenPairDataset, collate_token_pairs  # noqa: E402
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-cache", type=Path, default=None,
                         help="the same songs' cache built with the expert's context codec (experts that have one)")
     parser.add_argument("--kind", choices=["click", "stems"], default="stems", help="context kind of the pairs")
-    parser.add_argument("--context-stems", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+    parser.add_argument("--context-stems", type=parse_stems,
                         default=None, help="stem contexts hold only these stems, e.g. keys (default: the "
                                            "instruments the expert was trained to hear, its metadata's hears, "
                                            "else any other stems)")
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
           f"other song {rows[2]['all'] - right:+.4f}, none {rows[3]['all'] - right:+.4f}")
     payload = {"benchmark": "context_use", "expert": str(args.expert), "cache": str(args.cache),
                "context_cache": None if args.context_cache is None else str(args.context_cache), "kind": args.kind,
-               "context_stems": None if stems is None else list(stems), "seconds": seconds, "late_seconds": args.late, "pairs": len(pairs), "machine": machine_info(),
-               "rows": rows}
+               "context_stems": None if stems is None else list(stems), "seconds": seconds,
+               "late_seconds": args.late, "pairs": len(pairs), "machine": machine_info(), "rows": rows}
     output = args.output or RESULTS / f"context_use_{expert.instrument}_{args.kind}.json"
     print(f"wrote {write_json(output, payload)}")
     return 0

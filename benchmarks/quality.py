@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, write_json  # noqa: E402
 
 from stage_stack.evaluation import (BEAT_TRIM_SECONDS, CONTEXT_SOURCES, EVAL_SEED_BASE, EvalSettings,  # noqa: E402
-                                   EvaluationError, evaluate)
+                                   EvaluationError, evaluate, parse_stems)
 from stage_stack.instruments import WEIGHTS_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-source", choices=CONTEXT_SOURCES, default="song",
                         help="control for the in-context tasks: generate over the song's own stems (default), "
                              "the next held-out song's, or silence; the gap is what listening is worth")
-    parser.add_argument("--context-stems", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+    parser.add_argument("--context-stems", type=parse_stems,
                         default=None, help="the in-context tasks hear only these stems, e.g. keys "
                                            "(default: the stems of the instruments the expert was trained to hear, its "
                                            "metadata's hears, else every stem but the target's)")

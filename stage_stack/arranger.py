@@ -646,8 +646,9 @@ def _resolve_hears(layer: Layer, earlier: Sequence[LayerRecord], expert: Expert)
         _check_hears(layer, [record.name for record in earlier])
         return list(layer.hears)
     trained = expert.metadata.hears
-    chosen = [record.name for record in earlier if trained and record.instrument in trained]
-    return chosen or None
+    if not trained:
+        return None
+    return [record.name for record in earlier if record.instrument in trained] or None
 
 
 def _heard_in(original: Manifest, record: LayerRecord, copy: Manifest) -> dict[str, str]:

@@ -156,6 +156,11 @@ def stems_context(song: Song, target: str, stems: Sequence[str] | None = None) -
 CONTEXT_SOURCES = ("song", "other-song", "silence")
 
 
+def parse_stems(text: str) -> tuple[str, ...]:
+    """'drums, keys' -> ("drums", "keys"): a command line's stem list, as `context_stems` takes it."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def control_context(songs: Sequence[Song], index: int, target: str, source: str,
                     stems: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
     """The context song `index` is generated over: its own stems, the next held-out song's (other

@@ -219,6 +219,11 @@ def _finish(song, quiet: bool, bars: ProgressBars) -> None:
                        f"`stage-stack redo {song.path} LAYER` regenerates one", err=True)
 
 
+def _layer_names(text: str) -> tuple[str, ...]:
+    """'keys+bass' -> ("keys", "bass"); '' -> () (what --hears takes)."""
+    return tuple(name.strip() for name in text.split("+") if name.strip())
+
+
 def _hears_of(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """('bass=keys', 'lead=keys+bass', 'pad=') -> {"bass": ("keys",), "lead": ("keys", "bass"), "pad": ()}."""
     out = {}
@@ -226,7 +231,7 @@ def _hears_of(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
         key, sep, rest = value.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"{value!r}: expected LAYER=A+B, e.g. bass=keys (LAYER= to hear no layer)")
-        out[key.strip()] = tuple(name.strip() for name in rest.split("+") if name.strip())
+        out[key.strip()] = _layer_names(rest)
     return out
 
 
@@ -296,8 +301,7 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @sampling_options
 @click.pass_context
 def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, hears,
-            sample_rate,
-            from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force, sampling):
+            sample_rate, from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force, sampling):
     """Generate an arrangement layer by layer into OUT (manifest.json, stems/, mix.wav)."""
     bars = ProgressBars(quiet)
     with user_errors(), song_lock(out, wait):
@@ -359,9 +363,9 @@ def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, hears
         song = _open(directory, wait)
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype)
         arranger.adopt_experts(song.manifest)
-        heard = None if hears is None else tuple(n.strip() for n in hears.split("+") if n.strip())
         arranger.add(song, Layer(instrument, name=name, prompt=prompt, seed=seed, gain_db=gain, candidates=candidates,
-                                 click=click_mode, params=sampling, hears=heard), callback=bars, force=force)
+                                 click=click_mode, params=sampling,
+                                 hears=None if hears is None else _layer_names(hears)), callback=bars, force=force)
         _finish(song, quiet, bars)
 
 

@@ -85,7 +85,7 @@ def eval_command(experts: tuple[Path, ...], ablation_drums: Path | None, n_tempo
     import torch
 
     from ..errors import StageStackError
-    from ..evaluation import EvalSettings, evaluate
+    from ..evaluation import EvalSettings, evaluate, parse_stems
 
     torch.set_num_threads(threads)
     try:
@@ -93,7 +93,7 @@ def eval_command(experts: tuple[Path, ...], ablation_drums: Path | None, n_tempo
                                 cfg_coef=cfg_coef, temperature=temperature, top_k=top_k,
                                 drums_in_context=not no_drums_in_context, context_source=context_source,
                                 context_stems=None if context_stems is None else
-                                tuple(x.strip() for x in context_stems.split(",") if x.strip()))
+                                parse_stems(context_stems))
         report = evaluate(list(experts) or _bundled_experts(), ablation_drums=ablation_drums, settings=settings,
                           progress=_Progress(not no_progress), audio_dir=audio_dir)
     except StageStackError as e:
