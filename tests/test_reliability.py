@@ -328,13 +328,13 @@ def _interrupt_at(monkeypatch, phase: str, signal_it: bool):
 
     at = 3 if signal_it else 6
     if phase == "forward":
-        real = Trainer.loss
+        real = Trainer.losses  # the training forward (the LM loss and any auxiliary one)
 
-        def loss(self, batch, train, micro=0, **kw):
+        def losses(self, batch, train, micro=0, **kw):
             if train and self.step == at - 1:
                 stop()
             return real(self, batch, train, micro, **kw)
-        monkeypatch.setattr(Trainer, "loss", loss)
+        monkeypatch.setattr(Trainer, "losses", losses)
     elif phase == "after optimizer.step":
         real_step = torch.optim.lr_scheduler.LambdaLR.step
 

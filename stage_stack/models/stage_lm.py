@@ -434,7 +434,8 @@ class StageLM(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> torch.Tensor:
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, K, S, card] for `codes` [B, K, S].
 
         attention_mask marks valid steps (key padding and position origin): [B, past + S] for
@@ -443,7 +444,8 @@ class StageLM(nn.Module):
         are stored; a dynamic cache advances itself, a static one is advanced by its owner.
         `positions` [B, S] come from the TokenLayout batch; they default to STAGE's per-sample
         positions from the mask, which only a `positions="stage"` LM without a static cache may
-        use. `last_only` computes the heads on the last step only.
+        use. `last_only` computes the heads on the last step only. `return_hidden` also returns the
+        final-norm hidden states [B, S, dim] the heads read (for a training-time auxiliary head).
         """
         B, K, S = codes.shape
         past = cache.length if cache is not None and not cache.static else 0
@@ -491,7 +493,7 @@ class StageLM(nn.Module):
         x = self.final_norm(x)
         if last_only:
             x = x[:, -1:]
-        return self.logits(x)
+        return (self.logits(x), x) if return_hidden else self.logits(x)
 
     # -- embeddings and heads: one op each instead of K -------------------------------------------
     def embed(self, codes: torch.Tensor) -> torch.Tensor:

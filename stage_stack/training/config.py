@@ -219,6 +219,13 @@ class LossConfig(_Section):
     # stem's per-frame peak, scaled to [0, 1] per pair); 0 is STAGE's plain mean. Not in STAGE's
     # recipe: it puts more of the gradient on the frames whose timing the context decides.
     onset_weight: float = Field(0.0, ge=0)
+    # An auxiliary objective, not in STAGE's recipe: a linear head on the hidden state that
+    # predicts a target frame's first codebook also predicts the pitch classes of the song's chord
+    # at that frame (binary cross-entropy over 12, from data.root's metadata.json chords), weighted
+    # by harmony_weight, on pairs whose context is kept stems (a click or a dropped context does
+    # not carry the harmony). It pushes the LM to fetch the harmony of the moment from what it
+    # hears. The head is training-only: it is checkpointed, never exported. 0 = off.
+    harmony_weight: float = Field(0.0, ge=0)
 
 
 class ExportConfig(_Section):

@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..atomic import atomic_path, atomic_write_text
 from ..audio import click_track, resample
-from .data import (EXCLUDED_STEMS, BadSong, DatasetError, PairInfo, SongSource, StemDataset, augment,
-                   draw_augmentation, read_stem, require_pedalboard, scan_songs)
+from .data import (EXCLUDED_STEMS, BadSong, ChordSpan, DatasetError, PairInfo, SongSource, StemDataset, augment,
+                   draw_augmentation, load_song_metadata, read_stem, require_pedalboard, scan_songs)
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,10 @@ class TokenPair:
     # int64 [n_q, segment frames]: the target stem through the context codec, when the pairs
     # come from two caches (what `dropout.self_context` copies into the context)
     target_as_context: np.ndarray | None = None
+    # float32 [segment frames, 12]: the pitch classes of the song's chord at each target frame, and
+    # bool [segment frames]: where a chord is annotated (`chord_labels=True`; `loss.harmony_weight`)
+    target_chords: np.ndarray | None = None
+    target_chords_known: np.ndarray | None = None
 
 
 class TokenPairDataset:
@@ -279,6 +283,9 @@ class TokenPairDataset:
 
     `context_stems` (not in STAGE's recipe): the only stems a stem context may hold, for an expert
     meant to hear chosen layers (a bass that follows the keys); None = every other stem.
+
+    `chord_labels` (not in STAGE's recipe): each pair also carries the chord of every target frame,
+    read from the song's metadata.json in `source` and moved by the variant's speed and pitch.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, target_stem: str, segment_seconds: float = 10.0,
@@ -288,7 +295,7 @@ class TokenPairDataset:
                  samples_per_epoch: int | None = None, silence_threshold: float = 0.01, max_tries: int = 10,
                  seed: int = 0, source: str | os.PathLike | None = None,
                  context_cache_dir: str | os.PathLike | None = None, all_stems_prob: float = 0.0,
-                 context_stems: tuple[str, ...] | None = None) -> None:
+                 context_stems: tuple[str, ...] | None = None, chord_labels: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
         self.source = Path(source) if source is not None else None  # the songs folder the cache was built from
         self.index = TokenCacheIndex.load(self.cache_dir)
@@ -329,6 +336,25 @@ class TokenPairDataset:
             self._check_context_cache(TokenCacheIndex.load(self.context_cache_dir))
         self.samples_per_epoch = samples_per_epoch or len(self.songs)
         self._bad: set[str] = set()
+        self.chords: dict[str, list[ChordSpan]] | None = None
+        if chord_labels:
+            self.chords = self._read_chords()
+
+    def _read_chords(self) -> dict[str, list[ChordSpan]]:
+        """Every used song's chords, read once, so a song without them fails before training."""
+        if self.source is None:
+            raise DatasetError(f"{self.cache_dir}: chord labels (loss.harmony_weight) need the songs folder the cache "
+                               "was built from (data.root), for each song's metadata.json")
+        chords = {}
+        for variants in self.songs:
+            song_id = variants[0].song_id
+            found = load_song_metadata(self.source / song_id).chords
+            if not found:
+                raise DatasetError(f"{self.source / song_id}: metadata.json has no 'chords'; loss.harmony_weight "
+                                   "needs a chord per bar in every song ([{name, root, pitch_classes, start, end, "
+                                   "bar}], seconds), or set loss.harmony_weight: 0")
+            chords[song_id] = sorted(found, key=lambda c: c.start)
+        return chords
 
     def _check_context_cache(self, other: TokenCacheIndex) -> None:
         """The context cache must hold every used variant with the same augmentation and length."""
@@ -439,8 +465,32 @@ class TokenPairDataset:
             as_context = context_file.get_slice(f"codes.{self.target_stem}")[:, offset : offset + T].astype(np.int64)
         info = PairInfo(entry.song_id, offset / self.frame_rate, entry.speed, entry.pitch,
                         "click" if use_click else "stems", tuple(chosen), length / self.frame_rate, entry.variant)
+        chords = known = None
+        if self.chords is not None:
+            chords, known = chord_frames(self.chords[entry.song_id], offset, T, self.frame_rate, entry.speed,
+                                         entry.pitch)
         return TokenPair(context, target, entry.description, self.frame_rate, info,
-                         onset_strength(peaks[row], offset, T), as_context)
+                         onset_strength(peaks[row], offset, T), as_context, chords, known)
+
+
+def chord_frames(chords: list[ChordSpan], offset: int, n_frames: int, frame_rate: float, speed: float,
+                 pitch: int) -> tuple[np.ndarray, np.ndarray]:
+    """([n_frames, 12] float32 multi-hot, [n_frames] bool) for frames offset.. of a variant.
+
+    A variant is the song stretched by `speed` (a time ratio) and moved `pitch` semitones, so its
+    frame f sounds the song's chord at (f + 0.5) / frame_rate / speed, `pitch` semitones up.
+    Frames outside every chord span are not known (all zeros).
+    """
+    times = (offset + np.arange(n_frames) + 0.5) / frame_rate / speed
+    starts = np.array([c.start for c in chords])
+    ends = np.array([c.end for c in chords])
+    at = np.searchsorted(starts, times, side="right") - 1
+    known = (at >= 0) & (times < ends[np.clip(at, 0, None)])
+    table = np.zeros((len(chords), 12), dtype=np.float32)
+    for i, c in enumerate(chords):
+        table[i, [(pc + pitch) % 12 for pc in c.pitch_classes]] = 1.0
+    labels = np.where(known[:, None], table[np.clip(at, 0, None)], 0.0).astype(np.float32)
+    return labels, known
 
 
 def onset_strength(peaks: np.ndarray, offset: int, n_frames: int) -> np.ndarray:
@@ -465,4 +515,8 @@ def collate_token_pairs(pairs: list[TokenPair]) -> dict:
                           if all(p.target_onsets is not None for p in pairs) else None),
         "target_as_context": (torch.stack([torch.from_numpy(p.target_as_context) for p in pairs])
                               if all(p.target_as_context is not None for p in pairs) else None),
+        "target_chords": (torch.stack([torch.from_numpy(p.target_chords) for p in pairs])
+                          if all(p.target_chords is not None for p in pairs) else None),
+        "target_chords_known": (torch.stack([torch.from_numpy(p.target_chords_known) for p in pairs])
+                                if all(p.target_chords_known is not None for p in pairs) else None),
     }

@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import faults
 from ..atomic import atomic_write_text
@@ -170,7 +171,8 @@ def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait
                             progress=progress)
     wait()
     pair_args = dict(target_stem=d.target_stem, segment_seconds=d.segment_seconds, context_seconds=d.context_seconds,
-                     full_context_prob=d.full_context_prob, click_prob=d.click_prob, context_stems=d.context_stems)
+                     full_context_prob=d.full_context_prob, click_prob=d.click_prob, context_stems=d.context_stems,
+                     chord_labels=bool(config.loss.harmony_weight))
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
                                  seed=config.seed, source=d.root, context_cache_dir=ctx_train_dir,
@@ -283,9 +285,12 @@ class Trainer:
         self.use_text = cfg.cross_attention and base.text is not None
         self.codes_fingerprint, self.context_fingerprint = base_fingerprints(base)
         zero_pad_row_grads(self.lm)
+        self.harmony_head = harmony_head(config, cfg.dim)
+        groups = param_groups(self.lm)
+        if self.harmony_head is not None:
+            groups[1]["params"] += list(self.harmony_head.parameters())  # trained with the rest
         o = config.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.lm), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, list(lr_factors(config)))
         self.step = 0  # optimizer steps done
         self.position = 0  # global training samples consumed (all processes)
@@ -294,6 +299,8 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(self.lm, self.optimizer)
         if self.use_text:
             base.text.to(accelerator.device)
+        if self.harmony_head is not None:
+            self.harmony_head.to(accelerator.device)
         self.valid_batches = self._validation_batches()
 
     # -- state ------------------------------------------------------------------------------
@@ -303,11 +310,14 @@ class Trainer:
                 "step": self.step, "position": self.position, "history": self.history, "elapsed": self.elapsed,
                 "rng": rng_state(), "codec_fingerprint": self.codes_fingerprint,
                 "context_codec_fingerprint": self.context_fingerprint,
-                "config": self.config.model_dump(mode="json")}
+                "config": self.config.model_dump(mode="json"),
+                **({"harmony_head": self.harmony_head.state_dict()} if self.harmony_head is not None else {})}
 
     def load_state(self, state: dict) -> None:
         check_resumable(state, self.config, self.codes_fingerprint, self.context_fingerprint)
         self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        if self.harmony_head is not None:
+            self.harmony_head.load_state_dict(state["harmony_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.position, self.history = state["step"], state["position"], state["history"]
@@ -382,13 +392,49 @@ class Trainer:
         return context, drop.to(device), history
 
     def loss(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False) -> torch.Tensor:
+        """The LM's loss (STAGE's cross-entropy) on one micro-batch."""
+        return self.losses(batch, train, micro, drop_all_context)["lm"]
+
+    def losses(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False,
+               harmony: bool = False) -> dict[str, torch.Tensor]:
+        """{"lm": cross-entropy, "harmony": the auxiliary loss (with a harmony head, in training or
+        when `harmony` is asked for)}."""
         context, drop, history = self.conditioning(batch, train, micro, drop_all_context)
         target = batch["target"].to(self.accelerator.device)
         tb = self.layout.training_batch(context, target, drop_context=drop, drop_history=history)
         memory, mask = self.text_memory(batch["description"], train, micro)
+        want_hidden = self.harmony_head is not None and (train or harmony)
         with self.accelerator.autocast():
-            logits = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions)
-        return self.layout.loss(logits, tb, self.frame_weights(batch) if train else None)
+            out = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions,
+                             return_hidden=want_hidden)
+        logits, hidden = out if want_hidden else (out, None)
+        terms = {"lm": self.layout.loss(logits, tb, self.frame_weights(batch) if train else None)}
+        if hidden is not None:
+            keeps = [kind == "stems" for kind in (i.context_kind for i in batch["info"])]
+            if drop is not None:
+                keeps = [k and not d for k, d in zip(keeps, drop.tolist())]
+            if drop_all_context:
+                keeps = [False] * len(keeps)
+            terms["harmony"] = self.harmony_loss(hidden, tb.context_len, batch, keeps)
+        return terms
+
+    def harmony_loss(self, hidden: torch.Tensor, context_len: int, batch: dict, keep: list[bool]) -> torch.Tensor:
+        """Binary cross-entropy of the chord's 12 pitch classes at each target frame, predicted from
+        the hidden state at the step that predicts the frame's first codebook (step C + 1 + j),
+        over the rows in `keep` and the frames whose chord is known. 0 when nothing is scored."""
+        chords, known = batch.get("target_chords"), batch.get("target_chords_known")
+        if chords is None or known is None:
+            raise TrainingConfigError("loss.harmony_weight needs the pairs' chord labels, which this dataset does not "
+                                      "provide; train from the token cache (data.cache) with chords in each song's "
+                                      "metadata.json, or set harmony_weight: 0")
+        device = hidden.device
+        n = min(chords.shape[1], hidden.shape[1] - (context_len + 1))
+        h = hidden[:, context_len + 1 : context_len + 1 + n].float()
+        scored = known[:, :n].to(device) & torch.tensor(keep, device=device)[:, None]
+        if not bool(scored.any()):
+            return h.sum() * 0.0  # keeps the graph (and DDP's gradient sync) the same every step
+        logits = self.harmony_head(h[scored])
+        return F.binary_cross_entropy_with_logits(logits, chords[:, :n].to(device)[scored])
 
     def frame_weights(self, batch: dict) -> torch.Tensor | None:
         """[B, T] loss weights of the target frames (`loss.onset_weight`), None for a plain mean."""
@@ -407,18 +453,28 @@ class Trainer:
         accum = self.config.grad_accum
         started = time.perf_counter()
         self.model.train()
-        total = 0.0
+        total = harmony_total = 0.0
         for micro in range(accum):
             batch = self._micro_batch(micro)
             sync = micro == accum - 1
             context = self.accelerator.no_sync(self.model) if not sync else _nullcontext()
             with context:
-                loss = self.loss(batch, train=True, micro=micro)
-                self.accelerator.backward(loss / accum)
+                terms = self.losses(batch, train=True, micro=micro)
+                loss = terms["lm"]
+                objective = loss
+                if "harmony" in terms:
+                    objective = loss + self.config.loss.harmony_weight * terms["harmony"]
+                    harmony_total += terms["harmony"].item() / accum
+                self.accelerator.backward(objective / accum)
             total += loss.item() / accum
+        if self.harmony_head is not None:
+            average_gradients(self.harmony_head, self.accelerator)
         grad_norm = None
         if self.config.optim.grad_clip_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip_norm))
+            params = list(self.model.parameters())
+            if self.harmony_head is not None:
+                params += list(self.harmony_head.parameters())
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, self.config.optim.grad_clip_norm))
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.step()
         self.scheduler.step()
@@ -428,8 +484,12 @@ class Trainer:
         self.elapsed += time.perf_counter() - started
         loss_t = torch.tensor([total], device=self.accelerator.device)
         mean_loss = float(self.accelerator.reduce(loss_t, reduction="mean"))
-        return {"step": self.step, "loss": round(mean_loss, 5), "lr_embeddings": lrs[0], "lr_rest": lrs[1],
-                "grad_norm": None if grad_norm is None else round(grad_norm, 4)}
+        record = {"step": self.step, "loss": round(mean_loss, 5), "lr_embeddings": lrs[0], "lr_rest": lrs[1],
+                  "grad_norm": None if grad_norm is None else round(grad_norm, 4)}
+        if self.harmony_head is not None:
+            harmony_t = torch.tensor([harmony_total], device=self.accelerator.device)
+            record["harmony_loss"] = round(float(self.accelerator.reduce(harmony_t, reduction="mean")), 5)
+        return record
 
     def _validation_batches(self) -> dict[str, list[dict]]:
         """The fixed validation pairs, batched per context kind (click / stems)."""
@@ -459,6 +519,15 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + loss * n
                 counts[k] = counts.get(k, 0) + n
 
+        def add_harmony(key: str, batch: dict, heard: bool) -> None:
+            # the head on stems pairs with their context, or with it replaced by PAD: how much of
+            # the chord the hidden state takes from what it hears
+            n = batch["target"].shape[0]
+            harmony = self.losses(batch, train=False, harmony=True)["harmony"].item() if heard else \
+                self._harmony_without_context(batch)
+            sums[key] = sums.get(key, 0.0) + harmony * n
+            counts[key] = counts.get(key, 0) + n
+
         for kind, batches in self.valid_batches.items():
             for batch in batches:
                 add(("val_loss", f"val_loss_{kind}"), batch)
@@ -466,8 +535,45 @@ class Trainer:
                 if kind == "click":
                     late = dict(batch, context=[torch.roll(c, shift, dims=-1) for c in batch["context"]])
                     add(("val_loss_click_shifted",), late)
+                if kind == "stems" and self.harmony_head is not None:
+                    add_harmony("val_harmony", batch, heard=True)
+                    add_harmony("val_harmony_no_context", batch, heard=False)
         self.model.train()
         return {k: round(sums[k] / counts[k], 5) for k in sums}
+
+
+    def _harmony_without_context(self, batch: dict) -> float:
+        """The harmony head's loss on `batch` with every context row PAD (scored as if it were heard)."""
+        context, drop, _ = self.conditioning(batch, train=False, drop_all_context=True)
+        target = batch["target"].to(self.accelerator.device)
+        tb = self.layout.training_batch(context, target, drop_context=drop)
+        memory, mask = self.text_memory(batch["description"], False)
+        with self.accelerator.autocast():
+            _, hidden = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions,
+                                   return_hidden=True)
+        return self.harmony_loss(hidden, tb.context_len, batch, [True] * len(context)).item()
+
+
+def harmony_head(config: TrainConfig, dim: int) -> torch.nn.Linear | None:
+    """The training-only chord head of `loss.harmony_weight` (None when off), seeded by the run."""
+    if not config.loss.harmony_weight:
+        return None
+    head = torch.nn.Linear(dim, 12)
+    g = torch.Generator().manual_seed(config.seed + 12)
+    with torch.no_grad():
+        head.weight.normal_(0.0, dim ** -0.5, generator=g)
+        head.bias.zero_()
+    return head
+
+
+def average_gradients(module: torch.nn.Module, accelerator) -> None:
+    """Average a module's gradients over processes: the harmony head is not inside the model
+    Accelerate wraps, so DDP does not sync it."""
+    if accelerator.num_processes == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 class _nullcontext:
