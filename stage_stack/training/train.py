@@ -398,7 +398,8 @@ class Trainer:
     def losses(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False,
                harmony: bool = False) -> dict[str, torch.Tensor]:
         """{"lm": cross-entropy, "harmony": the auxiliary loss (with a harmony head, in training or
-        when `harmony` is asked for)}."""
+        when `harmony` is asked for; with `drop_all_context` it scores the stems rows as if heard,
+        which is what validation compares against)}."""
         context, drop, history = self.conditioning(batch, train, micro, drop_all_context)
         target = batch["target"].to(self.accelerator.device)
         tb = self.layout.training_batch(context, target, drop_context=drop, drop_history=history)
@@ -411,10 +412,8 @@ class Trainer:
         terms = {"lm": self.layout.loss(logits, tb, self.frame_weights(batch) if train else None)}
         if hidden is not None:
             keeps = [kind == "stems" for kind in (i.context_kind for i in batch["info"])]
-            if drop is not None:
+            if drop is not None and not drop_all_context:  # a training dropout hides the chord
                 keeps = [k and not d for k, d in zip(keeps, drop.tolist())]
-            if drop_all_context:
-                keeps = [False] * len(keeps)
             terms["harmony"] = self.harmony_loss(hidden, tb.context_len, batch, keeps)
         return terms
 
@@ -523,8 +522,7 @@ class Trainer:
             # the head on stems pairs with their context, or with it replaced by PAD: how much of
             # the chord the hidden state takes from what it hears
             n = batch["target"].shape[0]
-            harmony = self.losses(batch, train=False, harmony=True)["harmony"].item() if heard else \
-                self._harmony_without_context(batch)
+            harmony = self.losses(batch, train=False, drop_all_context=not heard, harmony=True)["harmony"].item()
             sums[key] = sums.get(key, 0.0) + harmony * n
             counts[key] = counts.get(key, 0) + n
 
@@ -540,18 +538,6 @@ class Trainer:
                     add_harmony("val_harmony_no_context", batch, heard=False)
         self.model.train()
         return {k: round(sums[k] / counts[k], 5) for k in sums}
-
-
-    def _harmony_without_context(self, batch: dict) -> float:
-        """The harmony head's loss on `batch` with every context row PAD (scored as if it were heard)."""
-        context, drop, _ = self.conditioning(batch, train=False, drop_all_context=True)
-        target = batch["target"].to(self.accelerator.device)
-        tb = self.layout.training_batch(context, target, drop_context=drop)
-        memory, mask = self.text_memory(batch["description"], False)
-        with self.accelerator.autocast():
-            _, hidden = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions,
-                                   return_hidden=True)
-        return self.harmony_loss(hidden, tb.context_len, batch, [True] * len(context)).item()
 
 
 def harmony_head(config: TrainConfig, dim: int) -> torch.nn.Linear | None:
