@@ -52,7 +52,9 @@ def _experts(args: argparse.Namespace, scratch: Path) -> tuple[list[Path], Path 
         from stage_stack.testing import make_tiny_expert
 
         experts = [make_tiny_expert(scratch / f"{name}.safetensors", instrument=name, seed=i)
-                   for i, name in enumerate(("drums", "bass", "keys"))]
+                   for i, name in enumerate(("drums", "bass", "keys")) if not args.only or name in args.only]
+        if args.no_ablation or (args.only and "drums" not in args.only):
+            return experts, None
         return experts, make_tiny_expert(scratch / "drums-noclick.safetensors", instrument="drums", seed=9)
     experts = []
     for name in ("drums", "bass", "keys"):
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no expert to evaluate: train the demo experts (configs/demo-*.yaml) or pass --drums/--bass/--keys",
                   file=sys.stderr)
             return 2
-        if ablation is None and not args.no_ablation:
+        if ablation is None and not args.no_ablation and not DEFAULT_ABLATION.is_file():
             print(f"note: the ablation is skipped ({DEFAULT_ABLATION} does not exist; train it with "
                   "configs/demo-drums-noclick.yaml or pass --ablation-drums)", file=sys.stderr)
         started = time.perf_counter()

@@ -186,9 +186,15 @@ def test_upload_redo_remove_mix_and_cancel(server, page):
 
     for name in ("drums", "bass"):
         page.select_option("#instrument-select", name)
+        if name == "bass":  # "-": it hears no earlier layer, only the upload
+            page.click("#add-form details summary")
+            page.fill("#add-form input[name=hears]", "-")
         page.click("#generate")
         page.wait_for_selector(f".lane[data-layer={name}] .wave[data-ready]", timeout=120_000)
         wait_idle(page)
+    page.fill("#add-form input[name=hears]", "")
+    assert studio.state("upl")["layers"][1]["hears"] == []
+    assert "hears no layer" in page.locator(".lane[data-layer=bass] .lane-meta").text_content()
 
     # mute and solo act on the page's own playback; gains go to the server's mix
     page.click(".lane[data-layer=drums] .solo")

@@ -226,6 +226,10 @@ class LossConfig(_Section):
     # not carry the harmony). It pushes the LM to fetch the harmony of the moment from what it
     # hears. The head is training-only: it is checkpointed, never exported. 0 = off.
     harmony_weight: float = Field(0.0, ge=0)
+    # The same for the beat (`training/auxiliary.py`): the head names where each target frame
+    # falls within its beat (4 bins, cross-entropy, from the songs' beat grid) on pairs whose
+    # context is kept stems or a click: the drums must take the beat from a mix they hear.
+    beat_weight: float = Field(0.0, ge=0)
 
 
 class ExportConfig(_Section):

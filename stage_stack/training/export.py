@@ -83,6 +83,7 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
            f"{config.dropout.history:.0%} of the pairs, the target itself as context in "
            f"{config.dropout.self_context:.0%} (those copies make `train_loss` lower than `val_loss`)"]
           if config.dropout.history or config.dropout.self_context else []),
+        *_loss_lines(config),
         "",
         "## Metrics",
         "",
@@ -95,6 +96,12 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
                 "val_loss_no_context"):
         if key in metrics:
             lines.append(f"- {key}: {_fmt(metrics[key])}")
+    heads = [key for key in metrics if key.startswith(("val_harmony", "val_beat"))]
+    if heads:
+        lines += ["", "The auxiliary heads' losses on the validation pairs (training only, not in this file; "
+                  "`_no_context` replaces the context by PAD: the gap is how much of the label the LM takes "
+                  "from what it hears):", ""]
+        lines += [f"- {key}: {_fmt(metrics[key])}" for key in sorted(heads)]
     if codec_info.get("metrics"):
         lines += ["", "Codec round trip on held-out songs (SI-SNR dB / mel distance):", ""]
         for kind, m in codec_info["metrics"].items():
@@ -103,6 +110,24 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
     if config.export.notes:
         lines += [config.export.notes.strip(), ""]
     return "\n".join(lines)
+
+
+def _loss_lines(config: TrainConfig) -> list[str]:
+    """The card's lines for the loss terms that are not STAGE's plain cross-entropy."""
+    loss = config.loss
+    lines = []
+    if loss.onset_weight:
+        lines.append(f"- onset-weighted loss, not in STAGE's recipe: a target frame weighs 1 + {loss.onset_weight} "
+                     "x its stem's onset strength")
+    if loss.harmony_weight:
+        lines.append(f"- auxiliary chord objective, not in STAGE's recipe (weight {loss.harmony_weight}): a "
+                     "training-only head names the 12 pitch classes of the song's chord at each target frame "
+                     "from the hidden state that predicts the frame, on pairs whose context is kept stems")
+    if loss.beat_weight:
+        lines.append(f"- auxiliary beat objective, not in STAGE's recipe (weight {loss.beat_weight}): a "
+                     "training-only head names where each target frame falls in its beat (4 bins) from the "
+                     "hidden state that predicts the frame, on pairs whose context is kept stems or a click")
+    return lines
 
 
 def _joined(stems) -> str:
@@ -161,12 +186,13 @@ def export_expert(config: TrainConfig, lm: StageLM, codec: Codec, base: ExpertMe
 
 
 def training_summary(history: list[dict]) -> dict[str, float]:
-    """The last logged train loss and the last validation losses, for the card."""
+    """The last logged train loss and the last validation losses (the LM's and the auxiliary
+    heads'), for the card."""
     out: dict[str, float] = {}
     for record in history:
         if "train_loss" in record:
             out["train_loss"] = record["train_loss"]
         for key, value in record.items():
-            if key.startswith("val_loss"):
+            if key.startswith(("val_loss", "val_harmony", "val_beat")):
                 out[key] = value
     return {k: round(float(v), 4) for k, v in out.items()}

@@ -263,6 +263,10 @@ class TokenPair:
     # bool [segment frames]: where a chord is annotated (`chord_labels=True`; `loss.harmony_weight`)
     target_chords: np.ndarray | None = None
     target_chords_known: np.ndarray | None = None
+    # int64 [segment frames]: each target frame's bin within its beat (bin 0 centred on the beat),
+    # and bool [segment frames]: where the frame lies between two beats (`beat_labels=True`)
+    target_beat_phase: np.ndarray | None = None
+    target_beat_known: np.ndarray | None = None
 
 
 class TokenPairDataset:
@@ -286,6 +290,7 @@ class TokenPairDataset:
 
     `chord_labels` (not in STAGE's recipe): each pair also carries the chord of every target frame,
     read from the song's metadata.json in `source` and moved by the variant's speed and pitch.
+    `beat_labels` (not in STAGE's recipe): the same for where each target frame falls in its beat.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, target_stem: str, segment_seconds: float = 10.0,
@@ -295,7 +300,8 @@ class TokenPairDataset:
                  samples_per_epoch: int | None = None, silence_threshold: float = 0.01, max_tries: int = 10,
                  seed: int = 0, source: str | os.PathLike | None = None,
                  context_cache_dir: str | os.PathLike | None = None, all_stems_prob: float = 0.0,
-                 context_stems: tuple[str, ...] | None = None, chord_labels: bool = False) -> None:
+                 context_stems: tuple[str, ...] | None = None, chord_labels: bool = False,
+                 beat_labels: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
         self.source = Path(source) if source is not None else None  # the songs folder the cache was built from
         self.index = TokenCacheIndex.load(self.cache_dir)
@@ -336,25 +342,35 @@ class TokenPairDataset:
             self._check_context_cache(TokenCacheIndex.load(self.context_cache_dir))
         self.samples_per_epoch = samples_per_epoch or len(self.songs)
         self._bad: set[str] = set()
-        self.chords: dict[str, list[ChordSpan]] | None = None
-        if chord_labels:
-            self.chords = self._read_chords()
+        self.chords: dict[str, list[ChordSpan]] | None = {} if chord_labels else None
+        self.beats: dict[str, np.ndarray] | None = {} if beat_labels else None
+        if chord_labels or beat_labels:
+            self._read_labels()
 
-    def _read_chords(self) -> dict[str, list[ChordSpan]]:
-        """Every used song's chords, read once, so a song without them fails before training."""
+    def _read_labels(self) -> None:
+        """Every used song's chords and/or beats, read once, so a song without them fails before
+        training."""
+        which = "chord labels (loss.harmony_weight)" if self.chords is not None else "beat labels (loss.beat_weight)"
         if self.source is None:
-            raise DatasetError(f"{self.cache_dir}: chord labels (loss.harmony_weight) need the songs folder the cache "
-                               "was built from (data.root), for each song's metadata.json")
-        chords = {}
+            raise DatasetError(f"{self.cache_dir}: {which} need the songs folder the cache was built from "
+                               "(data.root), for each song's metadata.json")
         for variants in self.songs:
             song_id = variants[0].song_id
-            found = load_song_metadata(self.source / song_id).chords
-            if not found:
-                raise DatasetError(f"{self.source / song_id}: metadata.json has no 'chords'; loss.harmony_weight "
-                                   "needs a chord per bar in every song ([{name, root, pitch_classes, start, end, "
-                                   "bar}], seconds), or set loss.harmony_weight: 0")
-            chords[song_id] = sorted(found, key=lambda c: c.start)
-        return chords
+            metadata = load_song_metadata(self.source / song_id)
+            if self.chords is not None:
+                if not metadata.chords:
+                    raise DatasetError(f"{self.source / song_id}: metadata.json has no 'chords'; loss.harmony_weight "
+                                       "needs a chord per bar in every song ([{name, root, pitch_classes, start, "
+                                       "end, bar}], seconds), or set loss.harmony_weight: 0")
+                self.chords[song_id] = sorted(metadata.chords, key=lambda c: c.start)
+            if self.beats is not None:
+                entry = variants[0]
+                beats, _ = metadata.beat_grid(entry.n_frames / self.frame_rate / entry.speed)
+                if len(beats) < 2:
+                    raise DatasetError(f"{self.source / song_id}: metadata.json gives {len(beats)} beat(s); "
+                                       "loss.beat_weight needs at least two ('beats' in seconds, or 'bpm'), "
+                                       "or set loss.beat_weight: 0")
+                self.beats[song_id] = beats
 
     def _check_context_cache(self, other: TokenCacheIndex) -> None:
         """The context cache must hold every used variant with the same augmentation and length."""
@@ -469,8 +485,11 @@ class TokenPairDataset:
         if self.chords is not None:
             chords, known = chord_frames(self.chords[entry.song_id], offset, T, self.frame_rate, entry.speed,
                                          entry.pitch)
+        phase = on_grid = None
+        if self.beats is not None:
+            phase, on_grid = beat_phase_frames(self.beats[entry.song_id], offset, T, self.frame_rate, entry.speed)
         return TokenPair(context, target, entry.description, self.frame_rate, info,
-                         onset_strength(peaks[row], offset, T), as_context, chords, known)
+                         onset_strength(peaks[row], offset, T), as_context, chords, known, phase, on_grid)
 
 
 def chord_frames(chords: list[ChordSpan], offset: int, n_frames: int, frame_rate: float, speed: float,
@@ -491,6 +510,29 @@ def chord_frames(chords: list[ChordSpan], offset: int, n_frames: int, frame_rate
         table[i, [(pc + pitch) % 12 for pc in c.pitch_classes]] = 1.0
     labels = np.where(known[:, None], table[np.clip(at, 0, None)], 0.0).astype(np.float32)
     return labels, known
+
+
+BEAT_PHASE_BINS = 4  # a frame's place in its beat, for `loss.beat_weight` (bin 0 on the beat)
+
+
+def beat_phase_frames(beats: np.ndarray, offset: int, n_frames: int, frame_rate: float, speed: float,
+                      bins: int = BEAT_PHASE_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """([n_frames] int64 bin, [n_frames] bool known) for frames offset.. of a variant.
+
+    Frame f sounds song time (f + 0.5) / frame_rate / speed; its phase is the fraction of the way
+    from the beat before to the beat after, moved by half a bin so that bin 0 is centred on the
+    beat (a frame just before a beat belongs to it). Frames before the first beat or after the
+    last are not known (bin 0).
+    """
+    beats = np.asarray(beats, dtype=np.float64)
+    times = (offset + np.arange(n_frames) + 0.5) / frame_rate / speed
+    at = np.searchsorted(beats, times, side="right") - 1
+    known = (at >= 0) & (at < len(beats) - 1)
+    lo = beats[np.clip(at, 0, len(beats) - 2)]
+    hi = beats[np.clip(at + 1, 1, len(beats) - 1)]
+    phase = (times - lo) / np.maximum(hi - lo, 1e-9)
+    labels = np.floor((phase + 0.5 / bins) * bins).astype(np.int64) % bins
+    return np.where(known, labels, 0).astype(np.int64), known
 
 
 def onset_strength(peaks: np.ndarray, offset: int, n_frames: int) -> np.ndarray:
@@ -519,4 +561,8 @@ def collate_token_pairs(pairs: list[TokenPair]) -> dict:
                           if all(p.target_chords is not None for p in pairs) else None),
         "target_chords_known": (torch.stack([torch.from_numpy(p.target_chords_known) for p in pairs])
                                 if all(p.target_chords_known is not None for p in pairs) else None),
+        "target_beat_phase": (torch.stack([torch.from_numpy(p.target_beat_phase) for p in pairs])
+                              if all(p.target_beat_phase is not None for p in pairs) else None),
+        "target_beat_known": (torch.stack([torch.from_numpy(p.target_beat_known) for p in pairs])
+                              if all(p.target_beat_known is not None for p in pairs) else None),
     }

@@ -47,6 +47,7 @@ from ..expert import ExpertMetadata, context_codec_mismatches, load_expert
 from ..layout import TokenLayout
 from ..models.codec import Codec
 from ..models.stage_lm import StageLM, StageLMConfig, init_weights
+from .auxiliary import HEADS, auxiliary_heads, head_loss, head_weights, scored_rows
 from .checkpoint import (interrupts_between_steps, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import RESUME_KEYS, TrainConfig, check_resume_compatible
@@ -172,7 +173,7 @@ def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait
     wait()
     pair_args = dict(target_stem=d.target_stem, segment_seconds=d.segment_seconds, context_seconds=d.context_seconds,
                      full_context_prob=d.full_context_prob, click_prob=d.click_prob, context_stems=d.context_stems,
-                     chord_labels=bool(config.loss.harmony_weight))
+                     chord_labels=bool(config.loss.harmony_weight), beat_labels=bool(config.loss.beat_weight))
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
                                  seed=config.seed, source=d.root, context_cache_dir=ctx_train_dir,
@@ -285,10 +286,11 @@ class Trainer:
         self.use_text = cfg.cross_attention and base.text is not None
         self.codes_fingerprint, self.context_fingerprint = base_fingerprints(base)
         zero_pad_row_grads(self.lm)
-        self.harmony_head = harmony_head(config, cfg.dim)
+        self.heads = auxiliary_heads(config.loss, cfg.dim, config.seed)
+        self.head_weights = head_weights(config.loss)
         groups = param_groups(self.lm)
-        if self.harmony_head is not None:
-            groups[1]["params"] += list(self.harmony_head.parameters())  # trained with the rest
+        if self.heads is not None:
+            groups[1]["params"] += list(self.heads.parameters())  # trained with the rest
         o = config.optim
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, list(lr_factors(config)))
@@ -299,8 +301,8 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(self.lm, self.optimizer)
         if self.use_text:
             base.text.to(accelerator.device)
-        if self.harmony_head is not None:
-            self.harmony_head.to(accelerator.device)
+        if self.heads is not None:
+            self.heads.to(accelerator.device)
         self.valid_batches = self._validation_batches()
 
     # -- state ------------------------------------------------------------------------------
@@ -311,13 +313,15 @@ class Trainer:
                 "rng": rng_state(), "codec_fingerprint": self.codes_fingerprint,
                 "context_codec_fingerprint": self.context_fingerprint,
                 "config": self.config.model_dump(mode="json"),
-                **({"harmony_head": self.harmony_head.state_dict()} if self.harmony_head is not None else {})}
+                **({"heads": self.heads.state_dict()} if self.heads is not None else {})}
 
     def load_state(self, state: dict) -> None:
         check_resumable(state, self.config, self.codes_fingerprint, self.context_fingerprint)
         self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        if self.harmony_head is not None:
-            self.harmony_head.load_state_dict(state["harmony_head"])
+        if self.heads is not None:
+            if "heads" not in state and "harmony_head" in state:  # written before the beat head existed
+                state = dict(state, heads={f"harmony.{k}": v for k, v in state["harmony_head"].items()})
+            self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.position, self.history = state["step"], state["position"], state["history"]
@@ -396,44 +400,26 @@ class Trainer:
         return self.losses(batch, train, micro, drop_all_context)["lm"]
 
     def losses(self, batch: dict, train: bool, micro: int = 0, drop_all_context: bool = False,
-               harmony: bool = False) -> dict[str, torch.Tensor]:
-        """{"lm": cross-entropy, "harmony": the auxiliary loss (with a harmony head, in training or
-        when `harmony` is asked for; with `drop_all_context` it scores the stems rows as if heard,
-        which is what validation compares against)}."""
+               heads: bool = False) -> dict[str, torch.Tensor]:
+        """{"lm": cross-entropy, and one term per auxiliary head (`training/auxiliary.py`) in
+        training or when `heads` is asked for. With `drop_all_context` the heads score their rows
+        as if the context were heard: what validation compares the heard context against."""
         context, drop, history = self.conditioning(batch, train, micro, drop_all_context)
         target = batch["target"].to(self.accelerator.device)
         tb = self.layout.training_batch(context, target, drop_context=drop, drop_history=history)
         memory, mask = self.text_memory(batch["description"], train, micro)
-        want_hidden = self.harmony_head is not None and (train or harmony)
+        want_hidden = self.heads is not None and (train or heads)
         with self.accelerator.autocast():
             out = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions,
                              return_hidden=want_hidden)
         logits, hidden = out if want_hidden else (out, None)
         terms = {"lm": self.layout.loss(logits, tb, self.frame_weights(batch) if train else None)}
         if hidden is not None:
-            keeps = [kind == "stems" for kind in (i.context_kind for i in batch["info"])]
-            if drop is not None and not drop_all_context:  # a training dropout hides the chord
-                keeps = [k and not d for k, d in zip(keeps, drop.tolist())]
-            terms["harmony"] = self.harmony_loss(hidden, tb.context_len, batch, keeps)
+            kinds = [i.context_kind for i in batch["info"]]
+            dropped = drop.tolist() if drop is not None and not drop_all_context else None
+            for name, head in self.heads.items():
+                terms[name] = head_loss(name, head, hidden, tb.context_len, batch, scored_rows(name, kinds, dropped))
         return terms
-
-    def harmony_loss(self, hidden: torch.Tensor, context_len: int, batch: dict, keep: list[bool]) -> torch.Tensor:
-        """Binary cross-entropy of the chord's 12 pitch classes at each target frame, predicted from
-        the hidden state at the step that predicts the frame's first codebook (step C + 1 + j),
-        over the rows in `keep` and the frames whose chord is known. 0 when nothing is scored."""
-        chords, known = batch.get("target_chords"), batch.get("target_chords_known")
-        if chords is None or known is None:
-            raise TrainingConfigError("loss.harmony_weight needs the pairs' chord labels, which this dataset does not "
-                                      "provide; train from the token cache (data.cache) with chords in each song's "
-                                      "metadata.json, or set harmony_weight: 0")
-        device = hidden.device
-        n = min(chords.shape[1], hidden.shape[1] - (context_len + 1))
-        h = hidden[:, context_len + 1 : context_len + 1 + n].float()
-        scored = known[:, :n].to(device) & torch.tensor(keep, device=device)[:, None]
-        if not bool(scored.any()):
-            return h.sum() * 0.0  # keeps the graph (and DDP's gradient sync) the same every step
-        logits = self.harmony_head(h[scored])
-        return F.binary_cross_entropy_with_logits(logits, chords[:, :n].to(device)[scored])
 
     def frame_weights(self, batch: dict) -> torch.Tensor | None:
         """[B, T] loss weights of the target frames (`loss.onset_weight`), None for a plain mean."""
@@ -452,7 +438,8 @@ class Trainer:
         accum = self.config.grad_accum
         started = time.perf_counter()
         self.model.train()
-        total = harmony_total = 0.0
+        total = 0.0
+        head_totals = dict.fromkeys(self.head_weights, 0.0)
         for micro in range(accum):
             batch = self._micro_batch(micro)
             sync = micro == accum - 1
@@ -461,18 +448,18 @@ class Trainer:
                 terms = self.losses(batch, train=True, micro=micro)
                 loss = terms["lm"]
                 objective = loss
-                if "harmony" in terms:
-                    objective = loss + self.config.loss.harmony_weight * terms["harmony"]
-                    harmony_total += terms["harmony"].item() / accum
+                for name, weight in self.head_weights.items():
+                    objective = objective + weight * terms[name]
+                    head_totals[name] += terms[name].item() / accum
                 self.accelerator.backward(objective / accum)
             total += loss.item() / accum
-        if self.harmony_head is not None:
-            average_gradients(self.harmony_head, self.accelerator)
+        if self.heads is not None:
+            average_gradients(self.heads, self.accelerator)
         grad_norm = None
         if self.config.optim.grad_clip_norm is not None:
             params = list(self.model.parameters())
-            if self.harmony_head is not None:
-                params += list(self.harmony_head.parameters())
+            if self.heads is not None:
+                params += list(self.heads.parameters())
             grad_norm = float(self.accelerator.clip_grad_norm_(params, self.config.optim.grad_clip_norm))
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.step()
@@ -485,9 +472,9 @@ class Trainer:
         mean_loss = float(self.accelerator.reduce(loss_t, reduction="mean"))
         record = {"step": self.step, "loss": round(mean_loss, 5), "lr_embeddings": lrs[0], "lr_rest": lrs[1],
                   "grad_norm": None if grad_norm is None else round(grad_norm, 4)}
-        if self.harmony_head is not None:
-            harmony_t = torch.tensor([harmony_total], device=self.accelerator.device)
-            record["harmony_loss"] = round(float(self.accelerator.reduce(harmony_t, reduction="mean")), 5)
+        for name, value in head_totals.items():
+            value_t = torch.tensor([value], device=self.accelerator.device)
+            record[f"{name}_loss"] = round(float(self.accelerator.reduce(value_t, reduction="mean")), 5)
         return record
 
     def _validation_batches(self) -> dict[str, list[dict]]:
@@ -518,13 +505,20 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + loss * n
                 counts[k] = counts.get(k, 0) + n
 
-        def add_harmony(key: str, batch: dict, heard: bool) -> None:
-            # the head on stems pairs with their context, or with it replaced by PAD: how much of
-            # the chord the hidden state takes from what it hears
+        def add_heads(kind: str, batch: dict) -> None:
+            # each head on its pairs with their context, then with it replaced by PAD: how much of
+            # the label the hidden state takes from what it hears ("val_harmony" on stems pairs,
+            # "val_beat_click" on clicks, ...)
+            names = [name for name in self.heads if kind in HEADS[name].kinds]
+            if not names:
+                return
             n = batch["target"].shape[0]
-            harmony = self.losses(batch, train=False, drop_all_context=not heard, harmony=True)["harmony"].item()
-            sums[key] = sums.get(key, 0.0) + harmony * n
-            counts[key] = counts.get(key, 0) + n
+            for heard, suffix in ((True, ""), (False, "_no_context")):
+                terms = self.losses(batch, train=False, drop_all_context=not heard, heads=True)
+                for name in names:
+                    key = f"val_{name}" + ("" if kind == "stems" else f"_{kind}") + suffix
+                    sums[key] = sums.get(key, 0.0) + terms[name].item() * n
+                    counts[key] = counts.get(key, 0) + n
 
         for kind, batches in self.valid_batches.items():
             for batch in batches:
@@ -533,28 +527,15 @@ class Trainer:
                 if kind == "click":
                     late = dict(batch, context=[torch.roll(c, shift, dims=-1) for c in batch["context"]])
                     add(("val_loss_click_shifted",), late)
-                if kind == "stems" and self.harmony_head is not None:
-                    add_harmony("val_harmony", batch, heard=True)
-                    add_harmony("val_harmony_no_context", batch, heard=False)
+                if self.heads is not None:
+                    add_heads(kind, batch)
         self.model.train()
         return {k: round(sums[k] / counts[k], 5) for k in sums}
 
 
-def harmony_head(config: TrainConfig, dim: int) -> torch.nn.Linear | None:
-    """The training-only chord head of `loss.harmony_weight` (None when off), seeded by the run."""
-    if not config.loss.harmony_weight:
-        return None
-    head = torch.nn.Linear(dim, 12)
-    g = torch.Generator().manual_seed(config.seed + 12)
-    with torch.no_grad():
-        head.weight.normal_(0.0, dim ** -0.5, generator=g)
-        head.bias.zero_()
-    return head
-
-
 def average_gradients(module: torch.nn.Module, accelerator) -> None:
-    """Average a module's gradients over processes: the harmony head is not inside the model
-    Accelerate wraps, so DDP does not sync it."""
+    """Average a module's gradients over processes: the auxiliary heads are not inside the model
+    Accelerate wraps, so DDP does not sync them."""
     if accelerator.num_processes == 1:
         return
     for p in module.parameters():

@@ -509,7 +509,9 @@ async function addLayer(event) {
   if (f.seed.value !== "") body.seed = Number(f.seed.value);
   if (f.prompt.value) body.prompt = f.prompt.value;
   if (f.click.value) body.click = f.click.value;
-  if (f.hears.value.trim()) body.hears = f.hears.value.split(",").map((n) => n.trim()).filter((n) => n);
+  const hears = f.hears.value.trim();
+  if (hears === "-") body.hears = [];  // no earlier layer: an empty field already means the default
+  else if (hears) body.hears = hears.split(",").map((n) => n.trim()).filter((n) => n);
   await act(`adding ${body.name || body.instrument}`, async () => {
     watchJob(await api("POST", `${songPath()}/layers`, body));
     f.name.value = "";
