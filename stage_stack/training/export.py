@@ -17,11 +17,15 @@ import torch
 from ..expert import FORMAT_VERSION, DTYPES, ExpertMetadata, WeightsRef, save_expert
 from ..models.codec import Codec
 from ..models.stage_lm import StageLM
+from .auxiliary import HEADS
 from .config import TrainConfig
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+HEAD_METRICS = tuple(f"val_{name}" for name in HEADS)  # what validation records per auxiliary head
 
 
 def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) -> str:
@@ -96,7 +100,7 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
                 "val_loss_no_context"):
         if key in metrics:
             lines.append(f"- {key}: {_fmt(metrics[key])}")
-    heads = [key for key in metrics if key.startswith(("val_harmony", "val_beat"))]
+    heads = [key for key in metrics if key.startswith(HEAD_METRICS)]
     if heads:
         lines += ["", "The auxiliary heads' losses on the validation pairs (training only, not in this file; "
                   "`_no_context` replaces the context by PAD: the gap is how much of the label the LM takes "
@@ -193,6 +197,6 @@ def training_summary(history: list[dict]) -> dict[str, float]:
         if "train_loss" in record:
             out["train_loss"] = record["train_loss"]
         for key, value in record.items():
-            if key.startswith(("val_loss", "val_harmony", "val_beat")):
+            if key.startswith(("val_loss", *HEAD_METRICS)):
                 out[key] = value
     return {k: round(float(v), 4) for k, v in out.items()}

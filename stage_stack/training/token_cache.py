@@ -545,24 +545,19 @@ def onset_strength(peaks: np.ndarray, offset: int, n_frames: int) -> np.ndarray:
 
 
 def collate_token_pairs(pairs: list[TokenPair]) -> dict:
-    """targets [B, n_q, T] (long); contexts a list of [n_q, C_i] for TokenLayout.left_pad."""
+    """targets [B, n_q, T] (long); contexts a list of [n_q, C_i] for TokenLayout.left_pad; each
+    optional per-frame array stacked, or None unless every pair has it."""
     import torch
+
+    def stacked(name: str):
+        arrays = [getattr(p, name) for p in pairs]
+        return None if any(a is None for a in arrays) else torch.stack([torch.from_numpy(a) for a in arrays])
 
     return {
         "target": torch.stack([torch.from_numpy(p.target_codes) for p in pairs]),
         "context": [torch.from_numpy(p.context_codes) for p in pairs],
         "description": [p.description for p in pairs],
         "info": [p.info for p in pairs],
-        "target_onsets": (torch.stack([torch.from_numpy(p.target_onsets) for p in pairs])
-                          if all(p.target_onsets is not None for p in pairs) else None),
-        "target_as_context": (torch.stack([torch.from_numpy(p.target_as_context) for p in pairs])
-                              if all(p.target_as_context is not None for p in pairs) else None),
-        "target_chords": (torch.stack([torch.from_numpy(p.target_chords) for p in pairs])
-                          if all(p.target_chords is not None for p in pairs) else None),
-        "target_chords_known": (torch.stack([torch.from_numpy(p.target_chords_known) for p in pairs])
-                                if all(p.target_chords_known is not None for p in pairs) else None),
-        "target_beat_phase": (torch.stack([torch.from_numpy(p.target_beat_phase) for p in pairs])
-                              if all(p.target_beat_phase is not None for p in pairs) else None),
-        "target_beat_known": (torch.stack([torch.from_numpy(p.target_beat_known) for p in pairs])
-                              if all(p.target_beat_known is not None for p in pairs) else None),
+        **{name: stacked(name) for name in ("target_onsets", "target_as_context", "target_chords",
+                                            "target_chords_known", "target_beat_phase", "target_beat_known")},
     }
