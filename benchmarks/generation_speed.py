@@ -874,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-seconds", type=float, default=None, help="generated length (default 10, quick 1)")
     parser.add_argument("--frame-rate", type=float, default=50.0, help="codec frames per second (MusicGen: 50)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {CONFIGS}")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}, or none")
     parser.add_argument("--quick", action="store_true", help="tiny model and 1 s + 1 s: a smoke run in seconds")
     parser.add_argument("--text-tokens", type=int, default=16, help="text memory length with cross-attention")
     parser.add_argument("--recompute-samples", type=int, default=2, help="timed steps per region for full-recompute")
@@ -905,11 +905,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # "--methods none": no MusicGen-size row, e.g. only the Arranger rows (--arrange-formats)
+    methods = [] if args.methods.strip() == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for name, given, known in (("--configs", configs, CONFIGS), ("--methods", methods, METHODS)):
         unknown = sorted(set(given) - set(known))
-        if unknown or not given:
-            parser.error(f"{name}: unknown or empty {unknown or given}; choose from {', '.join(known)}")
+        if unknown or not (given or name == "--methods" and args.methods.strip() == "none"):
+            parser.error(f"{name}: unknown or empty {unknown or given}; choose from {', '.join(known)}"
+                         + (" (or none)" if name == "--methods" else ""))
     context_s = args.context_seconds if args.context_seconds is not None else (1.0 if args.quick else 10.0)
     gen_s = args.gen_seconds if args.gen_seconds is not None else (1.0 if args.quick else 10.0)
     context_frames, gen_frames = round(context_s * args.frame_rate), round(gen_s * args.frame_rate)

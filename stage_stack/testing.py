@@ -26,6 +26,21 @@ def tiny_codec(config: CodecConfig = TINY_CODEC, seed: int = 0) -> Codec:
     return codec
 
 
+def calibrated_codec(config: CodecConfig = TINY_CODEC, seed: int = 0) -> Codec:
+    """A tiny codec whose codebooks are frames of its own residuals, so codes vary like a trained
+    codec's (tiny_codec's random codebooks give a handful of distinct codes)."""
+    codec = tiny_codec(config, seed)
+    generator = torch.Generator().manual_seed(seed)
+    audio = 0.3 * torch.randn(1, config.channels, config.sample_rate * 2, generator=generator)
+    with torch.no_grad():
+        residual = codec.latent(audio)[0].T
+        for layer in codec.model.quantizer.layers:
+            picks = torch.randperm(len(residual), generator=generator)[: config.card]
+            layer.codebook.embed.copy_(residual[picks])
+            residual = residual - layer.codebook.decode(layer.codebook.encode(residual))
+    return codec
+
+
 def tiny_lm(config: StageLMConfig = TINY_LM, seed: int = 0) -> StageLM:
     return init_weights(StageLM(config), seed=seed).eval()
 

@@ -17,23 +17,9 @@ from stage_stack.convert.encodec import (
 )
 from stage_stack.errors import CheckpointKeyError, StageStackError
 from stage_stack.models.codec import Codec, CodecConfig, _windows
-from stage_stack.testing import TINY_CODEC, tiny_codec
+from stage_stack.testing import TINY_CODEC, calibrated_codec, tiny_codec
 
 FIXTURE = Path("/work/shared/fixtures/stage_ref_small")
-
-
-def calibrated_codec(config: CodecConfig = TINY_CODEC, seed: int = 0) -> Codec:
-    """A tiny codec whose codebooks are frames of its own residuals, so codes vary like a trained codec's."""
-    codec = tiny_codec(config, seed)
-    generator = torch.Generator().manual_seed(seed)
-    audio = 0.3 * torch.randn(1, config.channels, config.sample_rate * 2, generator=generator)
-    with torch.no_grad():
-        residual = codec.latent(audio)[0].T
-        for layer in codec.model.quantizer.layers:
-            picks = torch.randperm(len(residual), generator=generator)[: config.card]
-            layer.codebook.embed.copy_(residual[picks])
-            residual = residual - layer.codebook.decode(layer.codebook.encode(residual))
-    return codec
 
 
 def to_original_names(codec: Codec, legacy: bool) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from stage_stack.errors import StageStackError, TrainingConfigError
 from stage_stack.expert import load_expert, read_metadata, save_codec
 from stage_stack.generation import SamplingParams, generate
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights
-from stage_stack.testing import tiny_codec
+from stage_stack.testing import calibrated_codec, tiny_codec
 from stage_stack.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from stage_stack.training.config import TrainConfig, load_config
 from stage_stack.training.train import Base, Trainer, build_datasets, lr_factors, train
@@ -310,7 +310,7 @@ def test_alignment_aids_are_drawn_per_row_and_off_in_validation(shared, tmp_path
 
     config = make_config(shared, tmp_path, dropout={"context": 0.0, "history": 0.5, "self_context": 0.5})
     lm = init_weights(StageLM(StageLMConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, card=16, n_q=2)), seed=0)
-    codec = tiny_codec()
+    codec = calibrated_codec()  # codes that vary, so a context replaced by the target's start shows
     train_data, valid_data = build_datasets(config, codec)
     trainer = Trainer(config, Base(lm, codec, None, None), train_data, valid_data, Accelerator(cpu=True))
     copied = hidden = rows = 0

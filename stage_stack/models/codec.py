@@ -1,7 +1,9 @@
-"""EnCodec through transformers' `EncodecModel`, configured from an expert's metadata.
+"""The codec an expert reads and writes audio through: `CodecConfig` (stored in expert files) and
+`Codec`, which windows long audio around the model of `stage_stack.models.encodec`.
 
 `CodecConfig` covers MusicGen's 32 kHz codec (`CodecConfig.musicgen_32khz()`) and the small
-codecs the demo experts are trained with. Weights use transformers' EncodecModel names; the
+codecs the demo experts are trained with. Weights use transformers' EncodecModel names (our
+model keeps them, and `to_hf()` builds transformers' config, the reference in the tests); the
 importers in `stage_stack.convert.encodec` map the original encodec / audiocraft / STAGE names.
 """
 
@@ -144,10 +146,10 @@ class Codec(nn.Module):
 
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()
-        from transformers import EncodecModel
+        from .encodec import EncodecModel
 
         self.config = config
-        self.model = EncodecModel(config.to_hf())
+        self.model = EncodecModel(config)
 
     @torch.no_grad()
     def encode(self, audio: torch.Tensor, chunk_seconds: float | None = None,
@@ -208,11 +210,10 @@ class Codec(nn.Module):
         return audio
 
     def _encode_window(self, audio: torch.Tensor) -> torch.Tensor:
-        codes = self.model.quantizer.encode(self.model.encoder(audio), self.config.bandwidth)
-        return codes.transpose(0, 1)  # [n_q, B, frames] -> [B, n_q, frames]
+        return self.model.encode(audio)
 
     def _decode_window(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder(self.model.quantizer.decode(codes.transpose(0, 1))).float()
+        return self.model.decode(codes).float()
 
     def latent(self, audio: torch.Tensor) -> torch.Tensor:
         """Encoder output before quantisation [B, dimension, frames]."""

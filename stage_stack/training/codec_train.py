@@ -1,4 +1,4 @@
-"""Train a small EnCodec (transformers' `EncodecModel`) on the stems of a multi-stem dataset.
+"""Train a small EnCodec (`stage_stack.models.encodec`) on the stems of a multi-stem dataset.
 
 The demo experts need a codec that is small enough to embed in every expert file and good
 enough that drums and a pitched bass are recognisable after a round trip. Without network
@@ -13,7 +13,7 @@ access the project trains its own, on the synthetic band:
 
 There is no adversarial loss: it would double the cost and is not needed to make drum hits and
 bass notes recognisable; the spectral losses keep the timbre, the waveform L1 keeps the phase
-roughly right. The codebooks live in transformers' own buffers (`embed`, `embed_avg`,
+roughly right. The codebooks live in the model's own buffers (`embed`, `embed_avg`,
 `cluster_size`, `inited`), trained here with exponential moving averages, a k-means start from
 real latents and re-seeding of unused ("dead") codes, so the trained model encodes with the
 stock `Codec.encode` and nothing else changes at inference.
@@ -128,7 +128,7 @@ def mel_distance(reference: np.ndarray, estimate: np.ndarray, sample_rate: int, 
 # -- residual VQ training ----------------------------------------------------------------------
 
 def nearest_code(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest codebook row (squared Euclidean, as transformers' codebook.quantize)."""
+    """Index of the nearest codebook row (squared Euclidean, as `models.encodec.Codebook.encode`)."""
     dist = vectors.pow(2).sum(1, keepdim=True) - 2 * vectors @ codebook.t() + codebook.pow(2).sum(1)[None]
     return dist.argmin(dim=-1)
 
@@ -147,7 +147,7 @@ def kmeans(vectors: torch.Tensor, n_codes: int, iters: int, generator: torch.Gen
 
 
 class EMAQuantizer:
-    """Trains the codebooks of a transformers `EncodecResidualVectorQuantizer` in place.
+    """Trains the codebooks of a `models.encodec.ResidualVectorQuantizer` in place.
 
     Not an nn.Module: it owns no tensors, only the update rule for the quantizer's buffers.
     """
@@ -223,12 +223,32 @@ class EMAQuantizer:
 # -- initialisation ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def init_codec_weights(model: nn.Module, gain: float = 1.0) -> None:
-    """Variance-preserving init for a fresh EncodecModel: normal weights with std gain / sqrt(fan_in), zero biases.
+def fresh_codec(config: CodecConfig, seed: int) -> Codec:
+    """The codec a training run starts from, after `torch.manual_seed(seed)`.
 
-    transformers initialises the weight-normed convolutions through the computed `weight`,
-    which does not reach the stored `original0` / `original1`, so a fresh model keeps PyTorch's
-    default init: every conv shrinks the signal (about 1/3 of the variance) and the default
+    The shipped demo codecs were trained when `Codec` wrapped transformers' EncodecModel, so the
+    start is drawn as it was then: transformers' init (its LSTM init, its draws from the torch
+    RNG) and `init_codec_weights`, copied into our model. Our own init runs on a forked RNG and
+    is overwritten, so the global RNG stream the training draws from next is unchanged too.
+    """
+    from transformers import EncodecModel as ReferenceEncodec
+
+    torch.manual_seed(seed)
+    reference = ReferenceEncodec(config.to_hf())
+    init_codec_weights(reference)
+    with torch.random.fork_rng():
+        codec = Codec(config)
+    codec.model.load_state_dict(reference.state_dict())
+    return codec
+
+
+@torch.no_grad()
+def init_codec_weights(model: nn.Module, gain: float = 1.0) -> None:
+    """Variance-preserving init for a fresh EnCodec: normal weights with std gain / sqrt(fan_in), zero biases.
+
+    The init of PyTorch and transformers for the weight-normed convolutions goes through the
+    computed `weight`, which does not reach the stored `original0` / `original1`, so a fresh
+    model keeps PyTorch's default init: every conv shrinks the signal (about 1/3 of the variance) and the default
     biases then dominate. The decoder's output ignores its input (measured: 99 % of it is the
     same for any latent) and training sits at "play a constant hum". With this init the
     autoencoder reaches 0 dB SI-SNR within about 50 steps instead of not at all.
@@ -435,10 +455,7 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
     run_dir = Path(config.run_dir)
     codec_cfg = config.codec_config
 
-    torch.manual_seed(config.seed)
-    codec = Codec(codec_cfg)
-    init_codec_weights(codec.model)
-    codec.to(device)
+    codec = fresh_codec(codec_cfg, config.seed).to(device)
     quantizer = EMAQuantizer(codec.model.quantizer, codec_cfg.n_q, config.quantizer.ema_decay,
                              config.quantizer.dead_code_threshold)
     quantizer.mark_uninitialised()
