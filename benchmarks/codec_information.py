@@ -5,10 +5,12 @@ embeds one) this measures, on held-out synthetic songs (the quality benchmark's 
 80-160 BPM):
 
   beats   information in each codebook's token about "a beat falls in this frame",
-          for a click track, the drums stem and the full mix
+          for a click track, the drums stem, the full mix and bass+keys+lead (the drums' context)
   pitch   information about the pitch class sounding in the frame: the bass note in the bass
           stem, the chord root in the keys stem and in what the bass hears (drums+keys+lead)
   SI-SNR  per stem and for the mix and a click (`codec_train.evaluate_codec`)
+  envelope the beat probes from the audio's own onset envelope, without a codec: a reference
+          for what onsets alone tell about where the beats are
   ceilings the quality benchmark's "real, coded" cells: beat F1 of the real drums through the
           codec against the click's beats, chord-tone share of the real keys through the codec
 
@@ -98,10 +100,12 @@ def probes(song, frame_rate: float, n_frames: int) -> list[tuple[str, np.ndarray
     beats = beat_labels(md.beats, n_frames, frame_rate)
     root = chord_labels(md.chords, n_frames, frame_rate)
     heard_by_bass = np.sum([song.stems[s] for s in STEMS if s != "bass"], axis=0)
+    heard_by_drums = np.sum([song.stems[s] for s in STEMS if s != "drums"], axis=0)
     return [
         ("beats | click", click_context(song), beats, 2),
         ("beats | drums", song.stems["drums"], beats, 2),
         ("beats | mix", song.mix(), beats, 2),
+        ("beats | bass+keys+lead", heard_by_drums, beats, 2),  # what the drums hear in context
         ("pitch | bass (note)", song.stems["bass"], note_labels(song.notes_of("bass"), n_frames, frame_rate), 13),
         ("pitch | keys (chord root)", song.stems["keys"], root, 13),
         ("pitch | drums+keys+lead (chord root)", heard_by_bass, root, 13),
@@ -153,6 +157,38 @@ def measure(path: Path, n_songs: int, seconds: float, ceilings: bool) -> dict:
     return result
 
 
+ENVELOPE_LEVELS = 16
+
+
+def envelope_reference(n_songs: int, seconds: float, sample_rate: int, frame_rate: float) -> dict:
+    """The beat probes' information in the audio's own onset envelope, no codec: librosa's onset
+    strength at 10 ms, max-pooled over each codec frame and cut into 16 levels at the even songs'
+    quantiles. What a token could carry about "a beat here" from onsets alone."""
+    import librosa
+
+    songs = held_out_songs(n_songs, seconds, sample_rate)
+    n_frames = int(np.ceil(seconds * frame_rate))
+    hop = round(sample_rate / 100)
+    pooled = max(1, round(100 / frame_rate))
+    per_probe: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for song in songs:
+        for name, audio, labels, _ in probes(song, frame_rate, n_frames):
+            if not name.startswith("beats"):
+                continue
+            env = librosa.onset.onset_strength(y=np.asarray(audio, dtype=np.float32), sr=sample_rate, hop_length=hop)
+            env = np.pad(env, (0, max(0, pooled * n_frames - env.size)))[: pooled * n_frames]
+            per_probe.setdefault(name, []).append((env.reshape(n_frames, pooled).max(1), labels[:n_frames]))
+    out = {}
+    for name, pairs in per_probe.items():
+        train, test = pairs[0::2], pairs[1::2]
+        edges = np.quantile(np.concatenate([e for e, _ in train]), np.linspace(0, 1, ENVELOPE_LEVELS + 1)[1:-1])
+        out[name] = predictive_information(
+            np.concatenate([np.digitize(e, edges) for e, _ in train]), np.concatenate([l for _, l in train]),
+            np.concatenate([np.digitize(e, edges) for e, _ in test]), np.concatenate([l for _, l in test]),
+            ENVELOPE_LEVELS, 2)
+    return out
+
+
 def _label(result: dict) -> str:
     path = Path(result["codec"])
     return f"{path.parent.name}/{path.name}"
@@ -191,8 +227,15 @@ def main(argv=None) -> int:
     print(format_table(rows, [("codec", "codec")] + [(k, k) for k in kinds]
                        + [("drums_from_click_beat_f1", "coded drums beat F1"),
                           ("keys_chord_tone_share", "coded keys chord tones")]))
+    first = results[0]
+    envelope = envelope_reference(args.songs, args.seconds, first["config"]["sample_rate"], first["frame_rate"])
+    print(f"\nThe same beat probes from the audio's own onset envelope ({ENVELOPE_LEVELS} levels per frame, no codec):")
+    print(format_table([{"probe": k, "H": v["label_entropy"], "nats": v["nats"], "share": v["share"]}
+                        for k, v in envelope.items()],
+                       [("probe", "probe"), ("H", "H(label)"), ("nats", "nats"), ("share", "share")]))
     path = write_json(args.output, {"machine": machine_info(), "songs": args.songs, "seconds": args.seconds,
-                                    "wall_seconds": round(time.time() - started, 1), "codecs": results})
+                                    "wall_seconds": round(time.time() - started, 1), "codecs": results,
+                                    "onset_envelope": envelope})
     print(f"\nwrote {path}")
     return 0
 

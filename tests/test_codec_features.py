@@ -139,8 +139,9 @@ def test_codec_information_benchmark_writes_every_probe_per_codebook(tmp_path, c
     expert = make_tiny_expert(tmp_path / "tiny.safetensors", instrument="drums", seed=0)
     out = tmp_path / "info.json"
     assert main([str(expert), "--songs", "2", "--seconds", "4", "--no-ceilings", "--output", str(out)]) == 0
-    result = json.loads(out.read_text())["codecs"][0]
-    assert len(result["information"]) == 6
+    payload = json.loads(out.read_text())
+    result = payload["codecs"][0]
+    assert len(result["information"]) == 7
     n_q = result["config"]["n_q"]
     for name, per_codebook in result["information"].items():
         assert len(per_codebook) == n_q
@@ -148,4 +149,9 @@ def test_codec_information_benchmark_writes_every_probe_per_codebook(tmp_path, c
         assert all(0 < c["label_entropy"] <= most + 1e-6 and c["nats"] <= c["label_entropy"] + 0.05
                    for c in per_codebook)
     assert set(result["round_trip"]) >= {"drums", "bass", "keys", "mix", "click"}
+    # the codec-free reference: every beat probe, scored from the audio's onset envelope; a
+    # click's onsets are its beats, so it must tell more than a mix of pitched stems
+    envelope = payload["onset_envelope"]
+    assert set(envelope) == {name for name in result["information"] if name.startswith("beats")}
+    assert envelope["beats | click"]["nats"] > envelope["beats | bass+keys+lead"]["nats"]
     assert "beats | click" in capsys.readouterr().out

@@ -70,7 +70,8 @@ def test_skipping_the_unconditional_pad_context_changes_nothing_but_the_cache_si
     sizes = []
     real_new_cache = lm.new_cache
     monkeypatch.setattr(lm, "new_cache", lambda *a, **k: sizes.append(real_new_cache(*a, **k)) or sizes[-1])
-    skipped, s_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static)
+    skipped, s_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static,
+                                skip_pad_context=True)
     assert torch.equal(kept, skipped) and (k_steps - s_steps).abs().max() < 1e-5
     cache = sizes[0]
     # step 0 of the delay pattern is masked in every row; the conditional rows keep the rest (the
@@ -78,6 +79,19 @@ def test_skipping_the_unconditional_pad_context_changes_nothing_but_the_cache_si
     assert cache.groups == (RowGroup(0, 2, 1), RowGroup(2, 4, 8))
     S = cache.max_steps
     assert cache.nbytes == 2 * ((S - 1) + (S - 8)) * 2 * CONFIG.n_layers * CONFIG.dim * 4
+
+
+@pytest.mark.parametrize("small_below, groups", [(10**9, 1), (1, 2)])
+def test_the_pad_context_is_skipped_by_default_only_for_big_models(small_below, groups, monkeypatch):
+    import stage_stack.generation as generation
+
+    lm = sharp_lm()
+    monkeypatch.setattr(generation, "SMALL_MODEL_PARAMS", small_below)  # lm is "small" or "big"
+    sizes = []
+    real_new_cache = lm.new_cache
+    monkeypatch.setattr(lm, "new_cache", lambda *a, **k: sizes.append(real_new_cache(*a, **k)) or sizes[-1])
+    generate(lm, context(lengths=(7, 4)), 5, text_memory=text(lm), params=GREEDY)
+    assert len(sizes[0].groups) == groups
 
 
 def test_cfg_row_groups_start_at_each_half_s_first_valid_step():

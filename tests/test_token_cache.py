@@ -200,3 +200,18 @@ def test_an_interrupted_pretokenize_resumes_where_it_stopped(cache, codec, tmp_p
     index = pretokenize(root, codec, tmp_path, variants=1, stems=STEMS, target_stems=["bass"])
     assert calls == ["song_00001"]  # only the missing song is encoded
     assert [(e.song_id, e.variant) for e in index.entries] == [("song_00000", 0), ("song_00001", 0)]
+
+
+@pytest.mark.parametrize("chords, beats, named", [
+    (True, False, ["chord labels (loss.harmony_weight)"]),
+    (False, True, ["beat labels (loss.beat_weight)"]),
+    (True, True, ["chord labels (loss.harmony_weight) and beat labels (loss.beat_weight)"]),
+])
+def test_labels_without_the_songs_folder_name_every_head_that_needs_them(cache, chords, beats, named):
+    _, out, _ = cache
+    with pytest.raises(DatasetError) as error:
+        TokenPairDataset(out, "bass", segment_seconds=2.0, context_seconds=(1.0, 2.0), chord_labels=chords,
+                         beat_labels=beats)
+    message = str(error.value)
+    assert all(n in message for n in named) and "(data.root)" in message
+    assert ("beat" in message) == beats and ("chord" in message) == chords

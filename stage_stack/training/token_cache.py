@@ -350,7 +350,8 @@ class TokenPairDataset:
     def _read_labels(self) -> None:
         """Every used song's chords and/or beats, read once, so a song without them fails before
         training."""
-        which = "chord labels (loss.harmony_weight)" if self.chords is not None else "beat labels (loss.beat_weight)"
+        which = " and ".join(name for name, on in (("chord labels (loss.harmony_weight)", self.chords is not None),
+                                                    ("beat labels (loss.beat_weight)", self.beats is not None)) if on)
         if self.source is None:
             raise DatasetError(f"{self.cache_dir}: {which} need the songs folder the cache was built from "
                                "(data.root), for each song's metadata.json")
