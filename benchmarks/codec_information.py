@@ -5,7 +5,8 @@ embeds one) this measures, on held-out synthetic songs (the quality benchmark's 
 80-160 BPM):
 
   beats   information in each codebook's token about "a beat falls in this frame",
-          for a click track, the drums stem, the full mix and bass+keys+lead (the drums' context)
+          for a click track, the drums stem, the full mix, bass+keys+lead (the drums' context)
+          and that with the Arranger's click added (click="mix+click")
   pitch   information about the pitch class sounding in the frame: the bass note in the bass
           stem, the chord root in the keys stem and in what the bass hears (drums+keys+lead)
   SI-SNR  per stem and for the mix and a click (`codec_train.evaluate_codec`)
@@ -39,6 +40,7 @@ from _common import format_table, machine_info, write_json  # noqa: E402
 
 from stage_stack.evaluation import (click_context, held_out_songs, stem_beat_f1,  # noqa: E402
                                     stem_chord_tones)
+from stage_stack.mixing import conditioning_audio  # noqa: E402
 from stage_stack.training.codec_train import SongAudio, eval_clips, evaluate_codec, load_codec_file  # noqa: E402
 from stage_stack.training.synth import STEMS  # noqa: E402
 
@@ -106,6 +108,9 @@ def probes(song, frame_rate: float, n_frames: int) -> list[tuple[str, np.ndarray
         ("beats | drums", song.stems["drums"], beats, 2),
         ("beats | mix", song.mix(), beats, 2),
         ("beats | bass+keys+lead", heard_by_drums, beats, 2),  # what the drums hear in context
+        # ... and with the Arranger's click="mix+click": the click summed in at CLICK_GAIN_DB, limited
+        ("beats | bass+keys+lead+click", conditioning_audio(heard_by_drums, click_context(song), "mix+click",
+                                                            song.sample_rate), beats, 2),
         ("pitch | bass (note)", song.stems["bass"], note_labels(song.notes_of("bass"), n_frames, frame_rate), 13),
         ("pitch | keys (chord root)", song.stems["keys"], root, 13),
         ("pitch | drums+keys+lead (chord root)", heard_by_bass, root, 13),

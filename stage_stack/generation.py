@@ -148,10 +148,10 @@ def generate(
     `skip_pad_context`: the unconditional rows' cache leaves out their PAD context, which no
     query attends to (exact; a quarter of the cache with equal context and target lengths);
     False keeps it, as upstream does; None (the default) skips it for models of
-    SMALL_MODEL_PARAMS and more, where the cache's bytes count, and keeps it below, where its
-    second row group's attention calls cost more than the bytes they save (the demo Arranger
-    row: 10-15 % faster with one group, 2026-12-04). `prefill_chunk`: the prompt is run through the cache
-    this many steps at a time (None: in one pass; the same logits up to float rounding), so
+    SMALL_MODEL_PARAMS and more, where the cache's bytes count, and keeps it below, where a
+    second row group's attention calls cost more than the bytes they save (the demo experts'
+    generation ~9 % faster with one group; benchmarks/README.md). `prefill_chunk`: the prompt
+    is run through the cache this many steps at a time (None: in one pass; the same logits up to float rounding), so
     that its activations do not grow with the context. The thread count is chosen per call
     (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
     """

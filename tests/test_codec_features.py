@@ -141,7 +141,7 @@ def test_codec_information_benchmark_writes_every_probe_per_codebook(tmp_path, c
     assert main([str(expert), "--songs", "2", "--seconds", "4", "--no-ceilings", "--output", str(out)]) == 0
     payload = json.loads(out.read_text())
     result = payload["codecs"][0]
-    assert len(result["information"]) == 7
+    assert len(result["information"]) == 8
     n_q = result["config"]["n_q"]
     for name, per_codebook in result["information"].items():
         assert len(per_codebook) == n_q
