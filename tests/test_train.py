@@ -409,10 +409,11 @@ def test_shipped_configs_validate():
         config = load_config(path, TrainConfig)
         assert config.run_dir.parts[:2] == ("runs", "exp") and config.export.output.parts[:2] == ("runs", "exp")
         # each experiment pulls one of the levers: a second stage, aligned positions, the taught
-        # codec, or one of the alignment aids from step 0
+        # codec or an experiment's codec, one of the alignment aids from step 0, or an auxiliary head
         assert (config.base.expert is not None or config.base.fresh.positions == "aligned"
-                or "taught" in str(config.base.fresh.codec) or config.dropout.self_context > 0
-                or config.dropout.history > 0)
+                or "taught" in str(config.base.fresh.codec) or config.base.fresh.codec.parts[:2] == ("runs", "exp")
+                or config.dropout.self_context > 0 or config.dropout.history > 0
+                or config.loss.harmony_weight > 0 or config.loss.beat_weight > 0), path.name
 
 
 def test_existing_run_dir_is_never_overwritten(shared, tmp_path):
