@@ -11,7 +11,7 @@ through the public Arranger with:
   tracked-click    a click on a steady grid fitted to the beats librosa tracks in the mix (the
                    median inter-beat interval and the circular mean of the beat phases), alone:
                    what an Arranger could do with a mix and no tempo given
-  tracked-mix+click  that click summed with the mix (at the Arranger's click gain)
+  tracked-mix+click  that click summed with the mix at the Arranger's click gain (clipped, not limited)
 
     python benchmarks/context_click.py                       # 20 songs x 10 s, every variant
     python benchmarks/context_click.py --variants none,click --tempos 4
