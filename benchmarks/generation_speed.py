@@ -906,12 +906,14 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     # "--methods none": no MusicGen-size row, e.g. only the Arranger rows (--arrange-formats)
-    methods = [] if args.methods.strip() == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name, given, known in (("--configs", configs, CONFIGS), ("--methods", methods, METHODS)):
+    no_methods = args.methods.strip() == "none"
+    methods = [] if no_methods else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name, given, known, or_none in (("--configs", configs, CONFIGS, False),
+                                        ("--methods", methods, METHODS, True)):
         unknown = sorted(set(given) - set(known))
-        if unknown or not (given or name == "--methods" and args.methods.strip() == "none"):
+        if unknown or not (given or or_none and no_methods):
             parser.error(f"{name}: unknown or empty {unknown or given}; choose from {', '.join(known)}"
-                         + (" (or none)" if name == "--methods" else ""))
+                         + (" (or none)" if or_none else ""))
     context_s = args.context_seconds if args.context_seconds is not None else (1.0 if args.quick else 10.0)
     gen_s = args.gen_seconds if args.gen_seconds is not None else (1.0 if args.quick else 10.0)
     context_frames, gen_frames = round(context_s * args.frame_rate), round(gen_s * args.frame_rate)

@@ -61,15 +61,21 @@ def test_static_cache_equals_dynamic_cache_and_full_recompute():
     assert (s_steps - d_steps).abs().max() < 1e-4 and (s_steps - f_steps).abs().max() < 1e-4
 
 
+def _caches_made(lm, monkeypatch) -> list:
+    """Every KVCache `lm.new_cache` makes from now on, in order."""
+    made = []
+    real_new_cache = lm.new_cache
+    monkeypatch.setattr(lm, "new_cache", lambda *a, **k: made.append(real_new_cache(*a, **k)) or made[-1])
+    return made
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_skipping_the_unconditional_pad_context_changes_nothing_but_the_cache_size(static, monkeypatch):
     lm = sharp_lm()
     ctx, mem = context(lengths=(7, 4)), text(lm)
     kept, k_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static,
                              skip_pad_context=False)
-    sizes = []
-    real_new_cache = lm.new_cache
-    monkeypatch.setattr(lm, "new_cache", lambda *a, **k: sizes.append(real_new_cache(*a, **k)) or sizes[-1])
+    sizes = _caches_made(lm, monkeypatch)
     skipped, s_steps = generate(lm, ctx, 9, text_memory=mem, params=GREEDY, return_steps=True, static_cache=static,
                                 skip_pad_context=True)
     assert torch.equal(kept, skipped) and (k_steps - s_steps).abs().max() < 1e-5
@@ -87,9 +93,7 @@ def test_the_pad_context_is_skipped_by_default_only_for_big_models(small_below, 
 
     lm = sharp_lm()
     monkeypatch.setattr(generation, "SMALL_MODEL_PARAMS", small_below)  # lm is "small" or "big"
-    sizes = []
-    real_new_cache = lm.new_cache
-    monkeypatch.setattr(lm, "new_cache", lambda *a, **k: sizes.append(real_new_cache(*a, **k)) or sizes[-1])
+    sizes = _caches_made(lm, monkeypatch)
     generate(lm, context(lengths=(7, 4)), 5, text_memory=text(lm), params=GREEDY)
     assert len(sizes[0].groups) == groups
 
