@@ -135,6 +135,26 @@ def test_a_chunked_prefill_gives_the_one_pass_tokens_and_logits(static, chunk):
     assert torch.equal(one, chunked) and (one_steps - steps).abs().max() < 1e-5
 
 
+def test_a_static_prefill_chunk_reads_only_the_steps_written_so_far(monkeypatch):
+    lm = sharp_lm()
+    ctx = context(lengths=(7, 4))
+    reads = []
+    attend = stage_lm._attend
+
+    def spy(q, k, v, mask):
+        reads.append((q.shape[2], k.shape[2]))
+        return attend(q, k, v, mask)
+
+    monkeypatch.setattr(stage_lm, "_attend", spy)
+    generate(lm, ctx, 9, params=GREEDY, static_cache=True, prefill_chunk=3, skip_pad_context=False)
+    reads = [r for r in reads if r[1] > 1]  # not the cross-attention's one-step (null) text memory
+    prefill = [r for r in reads if r[0] > 1]
+    decode = {k for q, k in reads if q == 1}
+    # steps 0-2, 3-5, 6-8 of the 9-step prefix (7 context steps, SEP and the first empty step)
+    assert sorted({k for _, k in prefill}) == [3, 6, 9]
+    assert len(decode) == 1 and decode.pop() > 9  # a decode step still reads the whole buffer
+
+
 def test_prefill_chunk_must_be_positive():
     lm = sharp_lm()
     with pytest.raises(ValueError, match="prefill_chunk must be a positive number of steps or None, got 0"):

@@ -198,3 +198,31 @@ def test_same_weights_give_the_same_sha256(tmp_path):
     b = save_codec(tmp_path / "b.safetensors", tiny_codec(seed=4), id="tiny")
     c = save_codec(tmp_path / "c.safetensors", tiny_codec(seed=5), id="tiny")
     assert sha256_file(a) == sha256_file(b) != sha256_file(c)
+
+
+def test_a_big_empty_build_stays_on_meta_without_importing_dynamo():
+    """A MusicGen-small-size LM and its 32 kHz codec built for filling from a file: every tensor
+    on the meta device, and no init kernel that pulls in torch._dynamo (~73 MB of RSS)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from stage_stack.expert import build_empty; "
+            "from stage_stack.models.stage_lm import StageLM, StageLMConfig; "
+            "from stage_stack.models.codec import Codec, CodecConfig; "
+            "lm = build_empty(lambda: StageLM(StageLMConfig())); "
+            "codec = build_empty(lambda: Codec(CodecConfig(sample_rate=32000, dimension=128, n_filters=64, "
+            "ratios=[8, 5, 4, 4], n_q=4, card=2048))); "
+            "params = list(lm.parameters()) + list(codec.parameters()); "
+            "print(sum(p.numel() for p in params) > 400_000_000, all(p.is_meta for p in params), "
+            "'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "False"]
+
+
+def test_small_builds_are_still_initialised():
+    from stage_stack.expert import build_empty
+    from stage_stack.models.stage_lm import StageLM
+
+    lm = build_empty(lambda: StageLM(TINY_LM), n_params=1000)
+    table = lm.embeddings[0].weight
+    assert not table.is_meta and 0.5 < float(table.std()) < 1.5  # nn.Embedding's N(0, 1)

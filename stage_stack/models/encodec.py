@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
 
 if TYPE_CHECKING:
     from .codec import CodecConfig
@@ -40,6 +39,26 @@ def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
         x = F.pad(x, (0, extra))
     padded = F.pad(x, (left, right), mode)
     return padded[..., : padded.shape[-1] - extra]
+
+
+class _WeightNorm(nn.Module):
+    """weight = g * v / ||v|| over every dim but 0, as torch's weight_norm parametrization
+    (same `original0` = g and `original1` = v tensors), except that a meta-device weight gets
+    an empty g: a big codec is built on the meta device and filled from its file, and the norm
+    of a meta tensor runs a Python reference kernel that imports torch._dynamo (~73 MB, ~1 s)."""
+
+    def forward(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+        return torch._weight_norm(weight_v, weight_g, 0)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if weight.is_meta:
+            return weight.new_empty((weight.shape[0],) + (1,) * (weight.dim() - 1)), weight
+        return torch.norm_except_dim(weight, 2, 0), weight
+
+
+def weight_norm(module: nn.Module) -> nn.Module:
+    parametrize.register_parametrization(module, "weight", _WeightNorm(), unsafe=True)
+    return module
 
 
 class Conv1d(nn.Module):

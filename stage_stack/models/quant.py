@@ -52,8 +52,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
         if flat.shape[0] > self.GEMM_ROWS:
-            w = self.weight.to(self.scales.dtype) * self.scales[:, None]
-            return torch.nn.functional.linear(flat, w).view(*x.shape[:-1], self.out_features)
+            # The scales are per output channel, so they apply to the product: one bf16 copy of q
+            # (exact: |q| <= 127) instead of two temporaries, which left ~50-100 MB of freed heap
+            # resident after an int8 prefill at MusicGen-small size (benchmarks/README.md).
+            y = torch.nn.functional.linear(flat, self.weight.to(self.scales.dtype)).mul_(self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales)
         return y.view(*x.shape[:-1], self.out_features)
 

@@ -202,9 +202,9 @@ class KVCache:
                 at = self.length + skip - g.first
                 keys[:, :, at : at + S - skip] = kg[:, :, skip:]
                 values[:, :, at : at + S - skip] = vg[:, :, skip:]
-            if self.static:
+            if self.static and S == 1:
                 out.append((keys, values))
-            else:
+            else:  # dynamic, or a static cache's (eager) prefill chunk: the steps written so far
                 end = self.length + S - g.first
                 out.append((keys[:, :, :end], values[:, :, :end]))
         return out
@@ -317,6 +317,21 @@ class Linear(nn.Linear):
         return (self.weight @ flat.t()).t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a meta-device table alone at construction (same keys).
+
+    A big expert is built on the meta device and then filled from its file. nn.Embedding's
+    normal_ init on a meta tensor runs a Python reference kernel that imports torch._dynamo
+    and sympy: ~73 MB of RSS and ~1 s, paid by every int8/bf16 load of a MusicGen-size expert
+    for values that are overwritten (benchmarks/README.md). Real tables are initialised as usual.
+    """
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        super().reset_parameters()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: StageLMConfig) -> None:
         super().__init__()
@@ -391,7 +406,7 @@ class StageLM(nn.Module):
     def __init__(self, config: StageLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = nn.ModuleList(nn.Embedding(config.embedding_rows, config.dim) for _ in range(config.n_q))
+        self.embeddings = nn.ModuleList(Embedding(config.embedding_rows, config.dim) for _ in range(config.n_q))
         if config.cross_attention:
             self.text_proj = nn.Linear(config.text_dim, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -467,9 +482,15 @@ class StageLM(nn.Module):
 
         # Causal + key padding, as sequence indices: query step i sees key j <= i that is valid.
         query_steps = cache.query_steps(S) if cache is not None else torch.arange(S, device=codes.device)
-        key_steps = torch.arange(keys, device=codes.device) if cache is None else cache.key_steps[:keys]
-        causal = key_steps[None, :] <= query_steps[:, None]  # [S, keys]
-        allowed = (causal[None] & attention_mask[:, None, :])[:, None]  # [B, 1, S, keys]
+        read = keys
+        if cache is not None and cache.static and S > 1:
+            # A prefill chunk (eager) reads the steps written so far, not the whole buffer: the
+            # rest is causally masked, and attending to it doubled the prefill's attention work
+            # and its score tensors (~100 MB at MusicGen-small size in bf16; benchmarks/README.md).
+            read = cache.length + S
+        key_steps = torch.arange(read, device=codes.device) if cache is None else cache.key_steps[:read]
+        causal = key_steps[None, :] <= query_steps[:, None]  # [S, read]
+        allowed = (causal[None] & attention_mask[:, None, :read])[:, None]  # [B, 1, S, read]
         groups = cache.groups if cache is not None else (RowGroup(0, B),)
         self_mask = tuple(_attention_mask(allowed[g.start : g.stop, ..., g.first :]) for g in groups)
         query_valid = attention_mask.index_select(1, query_steps)[..., None].to(x.dtype)
