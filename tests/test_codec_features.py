@@ -16,7 +16,7 @@ from stage_stack.training.codec_train import EMAQuantizer, train_codec
 from stage_stack.models.codec import Codec, CodecConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from codec_information import beat_labels, chord_labels, predictive_information  # noqa: E402
+from codec_information import beat_labels, chord_labels, onset_labels, predictive_information  # noqa: E402
 
 from test_codec_train import SMALL, _config  # noqa: E402
 
@@ -76,6 +76,28 @@ def test_feature_losses_are_small_only_for_a_head_that_knows_the_features():
     assert good["chroma"] < 0.3 < 1.0 < bad["chroma"]  # cross-entropy: the edge frames are not one-hot
 
 
+def test_clip_onset_scale_scores_each_clip_by_its_own_contrast():
+    # two clicks, one 20 dB quieter and with noise under it: absolute onset strengths differ,
+    # the standardized ones do not need to; a head that predicts the standardized target is exact
+    beats = np.array([0.1, 0.5, 0.9])
+    loud = click_track(beats, beats[:1], SR, SR).astype(np.float32)
+    audio = torch.from_numpy(np.stack([loud, 0.1 * loud + 0.001 * np.random.default_rng(0).standard_normal(SR)
+                                       .astype(np.float32)]))
+    features = FrameFeatures(SR, HOP)
+    onset, _, _ = features(audio)
+    standard = (onset - onset.mean(-1, keepdim=True)) / onset.std(-1, keepdim=True)
+    head = FeatureHead(13)
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.zero_()
+        head.proj.weight[0, 0, 0] = 1.0
+    first = torch.cat([standard[:, None], torch.zeros(2, 12, standard.shape[-1])], dim=1)
+    assert feature_losses(head, features, first, audio, onset_scale="clip")["onset"] < 1e-8
+    assert feature_losses(head, features, first, audio)["onset"] > 0.1  # not the absolute target
+    with pytest.raises(ValueError, match="onset_scale must be 'absolute' or 'clip', got 'max'"):
+        feature_losses(head, features, first, audio, onset_scale="max")
+
+
 def test_quantizer_first_stage_is_the_first_code_with_a_straight_through_gradient():
     codec = Codec(CodecConfig(**SMALL))
     quantizer = EMAQuantizer(codec.model.quantizer, 2, 0.9, 0.0)
@@ -121,6 +143,12 @@ def test_predictive_information_is_zero_for_noise_and_the_entropy_for_a_copy():
 def test_frame_labels_of_beats_and_chords():
     assert beat_labels([0.0, 0.5, 0.99, 2.0], 25, 25).nonzero()[0].tolist() == [0, 12, 24]
 
+    class Note:
+        def __init__(self, start):
+            self.start = start
+
+    assert onset_labels([Note(0.01), Note(0.5), Note(0.5), Note(3.0)], 25, 25).nonzero()[0].tolist() == [0, 12]
+
     class Chord:
         def __init__(self, root, start, end):
             self.root, self.start, self.end = root, start, end
@@ -141,17 +169,20 @@ def test_codec_information_benchmark_writes_every_probe_per_codebook(tmp_path, c
     assert main([str(expert), "--songs", "2", "--seconds", "4", "--no-ceilings", "--output", str(out)]) == 0
     payload = json.loads(out.read_text())
     result = payload["codecs"][0]
-    assert len(result["information"]) == 8
+    assert len(result["information"]) == 9
     n_q = result["config"]["n_q"]
     for name, per_codebook in result["information"].items():
         assert len(per_codebook) == n_q
-        most = np.log(2) if name.startswith("beats") else np.log(13)  # a binary label / 12 classes + none
+        binary = name.startswith(("beats", "onsets"))
+        most = np.log(2) if binary else np.log(13)  # a binary label / 12 classes + none
         assert all(0 < c["label_entropy"] <= most + 1e-6 and c["nats"] <= c["label_entropy"] + 0.05
                    for c in per_codebook)
     assert set(result["round_trip"]) >= {"drums", "bass", "keys", "mix", "click"}
     # the codec-free reference: every beat probe, scored from the audio's onset envelope; a
     # click's onsets are its beats, so it must tell more than a mix of pitched stems
     envelope = payload["onset_envelope"]
-    assert set(envelope) == {name for name in result["information"] if name.startswith("beats")}
+    timed = {name for name in result["information"] if name.startswith(("beats", "onsets"))}
+    assert set(envelope) == timed | {"lag_frames"} and set(result["q0_by_lag"]) == timed
+    assert 0 <= envelope["lag_frames"] <= 3
     assert envelope["beats | click"]["nats"] > envelope["beats | bass+keys+lead"]["nats"]
     assert "beats | click" in capsys.readouterr().out

@@ -102,12 +102,20 @@ class FeatureHead(nn.Module):
 
 
 def feature_losses(head: FeatureHead, features: FrameFeatures, first_stage: torch.Tensor,
-                   audio: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{'onset': MSE on the onset strength, 'chroma': cross-entropy with the chroma distribution}."""
+                   audio: torch.Tensor, onset_scale: str = "absolute") -> dict[str, torch.Tensor]:
+    """{'onset': MSE on the onset strength, 'chroma': cross-entropy with the chroma distribution}.
+
+    `onset_scale` "clip" standardizes each clip's onset strength (zero mean, unit variance), so
+    that a clip's onsets count by their contrast within it, not by how loud a hit is."""
     onset, chroma, mask = features(audio)
     n = min(first_stage.shape[-1], onset.shape[-1])
     predicted_onset, chroma_logits = head(first_stage[..., :n])
-    onset_loss = F.mse_loss(predicted_onset, onset[:, :n])
+    target = onset[:, :n]
+    if onset_scale == "clip":
+        target = (target - target.mean(dim=-1, keepdim=True)) / target.std(dim=-1, keepdim=True).clamp_min(1e-3)
+    elif onset_scale != "absolute":
+        raise ValueError(f"onset_scale must be 'absolute' or 'clip', got {onset_scale!r}")
+    onset_loss = F.mse_loss(predicted_onset, target)
     log_p = F.log_softmax(chroma_logits, dim=1)
     per_frame = -(chroma[..., :n] * log_p).sum(dim=1)
     m = mask[:, :n].float()

@@ -550,7 +550,7 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
                 parts = {"l1": (y - x2).abs().mean(), "stft": spectral.stft(y, x2), "mel": spectral.mel(y, x2),
                          "commitment": commitment}
                 if taught:
-                    parts.update(feature_losses(head, features, first[0], x2))
+                    parts.update(feature_losses(head, features, first[0], x2, config.loss.onset_scale))
                 loss = sum(getattr(config.loss, k) * v for k, v in parts.items())
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)

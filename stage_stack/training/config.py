@@ -302,6 +302,10 @@ class CodecLossConfig(_Section):
     # Teach the first codebook onsets and pitch class (training/codec_features.py); 0 = off.
     onset: float = Field(0.0, ge=0)
     chroma: float = Field(0.0, ge=0)
+    # "absolute": the onset strength as computed (a click reaches ~8, a synth note ~1, so drums
+    # and clicks dominate the loss); "clip": standardized per clip, so the soft onsets of a mix
+    # without drums weigh as much as hits (what a drums expert must hear in a mix).
+    onset_scale: Literal["absolute", "clip"] = "absolute"
     stft_sizes: list[int] = [128, 256, 512, 1024]
     mel_sizes: list[int] = [512, 1024, 2048]
     n_mels: int = Field(64, gt=0)
