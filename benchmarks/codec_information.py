@@ -182,8 +182,6 @@ def measure(path: Path, n_songs: int, seconds: float, ceilings: bool) -> dict:
 
 
 ENVELOPE_LEVELS = 16
-
-
 ENVELOPE_MAX_LAG = 3  # frames
 TOKEN_LAGS = (-1, 0, 1, 2)  # frames
 
@@ -227,7 +225,8 @@ def envelope_reference(n_songs: int, seconds: float, sample_rate: int, frame_rat
             env = np.pad(env, (0, max(0, pooled * n_frames - env.size)))[: pooled * n_frames]
             per_probe.setdefault(name, []).append((env.reshape(n_frames, pooled).max(1), labels[:n_frames]))
     onsets = per_probe[ONSET_PROBE][0::2]
-    lag = max(range(ENVELOPE_MAX_LAG + 1), key=lambda d: np.mean(
+    # nanmean: a song without a note onset (constant labels) has no correlation
+    lag = max(range(ENVELOPE_MAX_LAG + 1), key=lambda d: np.nanmean(
         [np.corrcoef(e[d:], l[: l.size - d])[0, 1] for e, l in onsets]))
     out: dict = {"lag_frames": lag}
     for name, pairs in per_probe.items():

@@ -77,8 +77,9 @@ def test_feature_losses_are_small_only_for_a_head_that_knows_the_features():
 
 
 def test_clip_onset_scale_scores_each_clip_by_its_own_contrast():
-    # two clicks, one 20 dB quieter and with noise under it: absolute onset strengths differ,
-    # the standardized ones do not need to; a head that predicts the standardized target is exact
+    # a click track and the same 20 dB quieter over faint noise: "clip" scores a head against
+    # each clip's standardized onset strength, so predicting exactly that costs nothing, while
+    # the absolute target (what "absolute" scores) is far from it
     beats = np.array([0.1, 0.5, 0.9])
     loud = click_track(beats, beats[:1], SR, SR).astype(np.float32)
     audio = torch.from_numpy(np.stack([loud, 0.1 * loud + 0.001 * np.random.default_rng(0).standard_normal(SR)
