@@ -73,8 +73,10 @@ from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights  # 
 OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int4": "int4"}
 # The same formats with the KV cache forced to bf16 whatever this machine's choice: the memory
 # side of that choice, measured in the same run (stage_stack.machine, half_kv_cache).
-OURS_HALF_KV = {"ours-bf16-halfkv": "bf16", "ours-int8-halfkv": "int8"}
-METHODS = (*OURS, *OURS_HALF_KV, "full-recompute", "hf-generate", "hf-loop")
+# ours with the KV cache dtype forced: (weight format, cache dtype)
+OURS_FORCED_KV = {"ours-bf16-halfkv": ("bf16", torch.bfloat16), "ours-int8-halfkv": ("int8", torch.bfloat16),
+                  "ours-bf16-int8kv": ("bf16", torch.int8), "ours-int8-int8kv": ("int8", torch.int8)}
+METHODS = (*OURS, *OURS_FORCED_KV, "full-recompute", "hf-generate", "hf-loop")
 CONFIGS = ("nocross", "cross")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "generation_speed.json"
 CFG_COEF = 3.0
@@ -521,9 +523,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     extra_kv = work.text_tokens if work.cross else 0
 
     with torch.no_grad():
-        if method in OURS or method in OURS_HALF_KV or method == "full-recompute":
-            fmt = OURS.get(method) or OURS_HALF_KV.get(method, "fp32")
-            forced_kv = torch.bfloat16 if method in OURS_HALF_KV else None
+        if method in OURS or method in OURS_FORCED_KV or method == "full-recompute":
+            fmt, forced_kv = (OURS[method], None) if method in OURS else OURS_FORCED_KV.get(method, ("fp32", None))
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(fmt, fmt)
             model = build_ours(work, dtype)
             row["build_s"] = time.perf_counter() - t0
@@ -616,6 +617,26 @@ def guided_logits(lm: StageLM, codes: torch.Tensor, mask: torch.Tensor, steps: i
     return (uncond + CFG_COEF * (cond - uncond)).transpose(0, 1)
 
 
+def cached_guided_logits(lm: StageLM, codes: torch.Tensor, mask: torch.Tensor, steps: int,
+                         kv_dtype: torch.dtype) -> torch.Tensor:
+    """guided_logits through a KV cache of `kv_dtype`: the prefix in one prefill, then the last
+    `steps` positions one at a time, as decoding reads them (the cache's rounding included)."""
+    from stage_stack.models.stage_lm import positions_from_mask
+
+    S = codes.shape[-1]
+    positions = positions_from_mask(mask)
+    cache = lm.new_cache(codes.shape[0], S, static=False, dtype=kv_dtype)
+    outs = []
+    with torch.inference_mode():
+        lm(codes[..., : S - steps], mask[:, : S - steps], cache=cache, positions=positions[:, : S - steps])
+        for t in range(S - steps, S):
+            outs.append(lm(codes[..., t : t + 1], mask[:, : t + 1], cache=cache,
+                           positions=positions[:, t : t + 1]).float())
+    out = torch.cat(outs, dim=2)  # [2, K, steps, card]
+    cond, uncond = out[0], out[1]
+    return (uncond + CFG_COEF * (cond - uncond)).transpose(0, 1)
+
+
 def compare_logits(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     p_ref = torch.softmax(ref, dim=-1)
     kl = (p_ref * (torch.log_softmax(ref, -1) - torch.log_softmax(got, -1))).sum(-1)
@@ -652,6 +673,9 @@ def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
     for fmt in ("bf16", "int8", "int4"):
         lm = build_float(cfg, torch.bfloat16, seed) if fmt == "bf16" else build_quantized(cfg, fmt, seed)
         result["formats"][fmt] = compare_logits(guided_logits(lm, codes, mask, steps), ref)
+        if fmt == "int8":  # the cache's own rounding, decoded step by step: bf16 cache vs int8 cache
+            for name, kv in (("int8+bf16kv", torch.bfloat16), ("int8+int8kv", torch.int8)):
+                result["formats"][name] = compare_logits(cached_guided_logits(lm, codes, mask, steps, kv), ref)
         del lm
     if not work.quick:
         from stage_stack.expert import load_expert
@@ -745,7 +769,7 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
     for config, threads in groups:
         group = [r for r in rows if r.get("thread_setting", "auto") == threads]
         fp32, bf16, int8, int4 = (_find(group, config, m) for m in OURS)
-        bf16_hkv, int8_hkv = (_find(group, config, m) for m in OURS_HALF_KV)
+        bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv = (_find(group, config, m) for m in OURS_FORCED_KV)
         recompute, hf_gen, hf_loop = (_find(group, config, m) for m in ("full-recompute", "hf-generate", "hf-loop"))
         pairs = [
             ("ours fp32 / full-recompute", fp32, recompute, TARGET_OURS_VS_RECOMPUTE, "steps_per_s"),
@@ -762,6 +786,10 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             ("ours int8 / ours fp32", int8, fp32, None, "decode_steps_per_s"),
             ("ours bf16, bf16 KV / ours bf16", bf16_hkv, bf16, None, "decode_steps_per_s"),
             ("ours int8, bf16 KV / ours bf16, bf16 KV", int8_hkv, bf16_hkv, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
+            ("ours int8, int8 KV / ours int8", int8_i8kv, int8, None, "decode_steps_per_s"),
+            ("ours int8, int8 KV / ours int8", int8_i8kv, int8, None, "decode_steps_per_cpu_s"),
+            ("ours int8, int8 KV / ours bf16", int8_i8kv, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
+            ("ours bf16, int8 KV / ours bf16", bf16_i8kv, bf16, None, "decode_steps_per_s"),
         ]
         for name, a, b, target, key in pairs:
             value = _ratio(a, b, key)
@@ -773,7 +801,7 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             targets.append({"config": config, "threads": threads, "target": "bf16 decode share of the bandwidth bound",
                             "value": bf16["bound_share"], "limit": TARGET_BF16_SHARE,
                             "met": bf16["bound_share"] >= TARGET_BF16_SHARE})
-        for r in (fp32, bf16, int8, int4, bf16_hkv, int8_hkv):
+        for r in (fp32, bf16, int8, int4, bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv):
             if r is not None and "rss_ok" in r:
                 targets.append({"config": config, "threads": threads,
                                 "target": f"{r['method']} peak RSS <= 1.2 x weights + 300 MB",
@@ -808,6 +836,9 @@ METHOD_NOTES = {
     "ours-bf16-halfkv": "ours-bf16 with the KV cache in bf16 (generate(kv_dtype=torch.bfloat16)) whatever this "
                         "machine's choice.",
     "ours-int8-halfkv": "ours-int8 with the KV cache in bf16, likewise.",
+    "ours-bf16-int8kv": "ours-bf16 with an int8 KV cache (generate(kv_dtype=torch.int8): int8 keys and values, one "
+                        "float32 scale per row, head and step).",
+    "ours-int8-int8kv": "ours-int8 with an int8 KV cache, likewise.",
     "ours-int4": "Weight-only int4 block linears (groups of 128, aten._weight_int4pack_mm_for_cpu), otherwise as "
                  "ours-int8.",
     "full-recompute": "generate(use_cache=False): every step re-runs the whole prefix (the upstream way), same fp32 "

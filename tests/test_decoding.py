@@ -402,6 +402,62 @@ def test_bf16_kv_cache_agrees_with_float32_cache():
     assert (f_steps - b_steps).abs().max() < 0.05 * f_steps.abs().max()
 
 
+
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_kv_cache_agrees_with_float32_cache(static):
+    lm = sharp_lm()
+    f32, f_steps = generate(lm, context(), 9, params=GREEDY, return_steps=True, kv_dtype=torch.float32)
+    i8, i_steps = generate(lm, context(), 9, params=GREEDY, return_steps=True, kv_dtype=torch.int8,
+                           static_cache=static, prefill_chunk=4)
+    assert torch.equal(f32, i8)
+    assert (f_steps - i_steps).abs().max() < 0.05 * f_steps.abs().max()
+
+
+def test_int8_kv_cache_skipping_the_pad_context_agrees_too():
+    lm = sharp_lm()
+    ref, r_steps = generate(lm, context(), 9, params=GREEDY, return_steps=True, kv_dtype=torch.float32,
+                            skip_pad_context=True)
+    i8, i_steps = generate(lm, context(), 9, params=GREEDY, return_steps=True, kv_dtype=torch.int8,
+                           skip_pad_context=True, static_cache=True)
+    assert torch.equal(ref, i8)
+    assert (r_steps - i_steps).abs().max() < 0.05 * r_steps.abs().max()
+
+
+def test_int8_kv_cache_holds_half_a_bf16_cache_and_reads_back_each_step():
+    from stage_stack.models.stage_lm import KVCache, QuantizedKV, StageLMConfig
+
+    config = StageLMConfig(card=16, n_q=2, dim=64, n_heads=4, n_layers=2, ffn_dim=128)
+    bf16 = KVCache(config, 2, 100, "cpu", torch.bfloat16)
+    int8 = KVCache(config, 2, 100, "cpu", torch.int8)
+    scales = 2 * config.n_layers * 2 * config.n_heads * 100 * 4  # float32, one per (row, head, step)
+    assert int8.nbytes == bf16.nbytes // 2 + scales
+    k = torch.randn(2, config.n_heads, 5, config.head_dim) * 3
+    (read,) = int8.store(0, k, -k)
+    assert isinstance(read, QuantizedKV) and read.keys.dtype == torch.int8 and read.keys.shape[2] == 5
+    keys, values = read.dequantize(torch.float32)
+    # symmetric int8 per step and head: within half a step of 127 of the row's largest value
+    assert (keys - k).abs().max() <= k.abs().amax(dim=-1, keepdim=True).max() / 254 + 1e-6
+    assert torch.equal(values, -keys)
+    with pytest.raises(ValueError, match="float dtype or torch.int8"):
+        KVCache(config, 2, 100, "cpu", torch.int16)
+
+
+
+@pytest.mark.parametrize("small_below, fmt, want", [(1, "int8", torch.int8), (1, "int4", torch.int8),
+                                                    (1, None, None), (10**9, "int8", None)])
+def test_the_int8_cache_is_the_default_only_for_big_quantized_models(small_below, fmt, want, monkeypatch):
+    import stage_stack.generation as generation
+
+    lm = sharp_lm()
+    if fmt is not None:
+        quantize_(lm, fmt)
+    monkeypatch.setattr(generation, "SMALL_MODEL_PARAMS", small_below)  # lm is "small" or "big"
+    assert generation.default_kv_dtype(lm) == want
+    caches = _caches_made(lm, monkeypatch)
+    generate(lm, context(), 3, params=GREEDY)
+    assert caches[0].quantized == (want == torch.int8)
+
+
 # -- sampler and per-machine choices -----------------------------------------------------------
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=3, temperature=0.7),

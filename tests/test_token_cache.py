@@ -215,3 +215,43 @@ def test_labels_without_the_songs_folder_name_every_head_that_needs_them(cache, 
     message = str(error.value)
     assert all(n in message for n in named) and "(data.root)" in message
     assert ("beat" in message) == beats and ("chord" in message) == chords
+
+
+def _in_children(work, n: int) -> list[int]:
+    """Run `work()` in n forked children at once; their exit statuses."""
+    import os
+
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            status = 1
+            try:
+                work()
+                status = 0
+            finally:
+                os._exit(status)
+        pids.append(pid)
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
+def test_two_processes_building_one_cache_take_turns(cache, codec, tmp_path):
+    root, _, index = cache
+    out = tmp_path / "shared-cache"
+    statuses = _in_children(lambda: pretokenize(root, codec, out, variants=2, target_stems=["bass"], stems=STEMS,
+                                                seed=1), 2)
+    assert statuses == [0, 0]
+    built = TokenCacheIndex.load(out)
+    assert built == index  # every variant listed once, as one process alone writes it
+    assert all((out / e.file).is_file() for e in built.entries)
+    assert sorted(p.name for p in out.iterdir()) == [".pretokenize.lock", "index.json", "song_00000", "song_00001"]
+
+
+def test_two_runs_needing_one_synthetic_dataset_take_turns(tmp_path):
+    from stage_stack.training.config import SynthSpec
+
+    spec = SynthSpec(n_songs=2, seed=3, duration=2.0, sample_rate=SR)
+    root = tmp_path / "synth" / "train"
+    assert _in_children(lambda: spec.ensure(root), 3) == [0, 0, 0]
+    assert sorted(p.name for p in root.iterdir()) == ["song_00000", "song_00001"]
+    assert sorted(p.name for p in root.parent.iterdir()) == [".train.lock", "train"]  # no half-written folder left

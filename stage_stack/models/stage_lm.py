@@ -151,6 +151,11 @@ class KVCache:
     one-step write before `first` lands in slot 0, which the causal mask hides until step
     `first` overwrites it). A multi-step write that ends before a group's `first` (a prefill
     chunk) keeps nothing for it, and its queries there, all masked, attend to nothing (output 0).
+
+    `dtype=torch.int8` stores keys and values as int8 with one float32 scale per (row, head,
+    step), the absolute maximum over the head's channels / 127: half the bytes of a bf16 cache,
+    for a MusicGen-size call the difference between meeting a peak-RSS budget or not. Attention
+    then reads `QuantizedKV` (`_attend_group`).
     """
 
     def __init__(self, config: StageLMConfig, batch: int, max_steps: int, device, dtype, static: bool = False,
@@ -167,6 +172,14 @@ class KVCache:
         shapes = [(g.stop - g.start, config.n_heads, max_steps - g.first, config.head_dim) for g in self.groups]
         self.keys = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(config.n_layers)]
         self.values = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(config.n_layers)]
+        self.quantized = dtype == torch.int8
+        if self.quantized:  # zero scales: an unwritten slot reads as 0, as in a float cache
+            scale_shapes = [(*s[:3], 1) for s in shapes]
+            self.key_scales, self.value_scales = (
+                [[torch.zeros(s, device=device) for s in scale_shapes] for _ in range(config.n_layers)]
+                for _ in range(2))
+        elif dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"KVCache dtype must be a float dtype or torch.int8, got {dtype}")
         self.length = 0  # steps already written
         self.static = static
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # == length, as a tensor (static writes)
@@ -185,28 +198,36 @@ class KVCache:
             return self.step
         return self.key_steps[self.length : self.length + S]
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Write the new steps' keys/values; return each group's keys/values for attention to read."""
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> list:
+        """Write the new steps' keys/values; return each group's keys/values for attention to read
+        (a (keys, values) pair, a QuantizedKV for an int8 cache, or None when nothing is kept yet)."""
         S = k.shape[2]
+        buffers = [self.keys[layer], self.values[layer]]
+        if self.quantized:
+            buffers += [self.key_scales[layer], self.value_scales[layer]]
+            (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+            new = (k, v, k_scale, v_scale)
+        else:
+            new = (k, v)
         out = []
-        for g, keys, values, slot in zip(self.groups, self.keys[layer], self.values[layer], self.slots):
-            kg, vg = k[g.start : g.stop], v[g.start : g.stop]
+        for gi, (g, slot) in enumerate(zip(self.groups, self.slots)):
+            kept = [b[gi] for b in buffers]
             if self.static and S == 1:
-                keys.index_copy_(2, slot, kg.to(keys.dtype))
-                values.index_copy_(2, slot, vg.to(values.dtype))
+                for buf, x in zip(kept, new):
+                    buf.index_copy_(2, slot, x[g.start : g.stop].to(buf.dtype))
+                views = kept
             else:
                 skip = max(0, g.first - self.length)  # new steps before `first`: masked, dropped
                 if skip >= S:  # a prefill chunk that ends before `first`: nothing to keep or read
                     out.append(None)
                     continue
                 at = self.length + skip - g.first
-                keys[:, :, at : at + S - skip] = kg[:, :, skip:]
-                values[:, :, at : at + S - skip] = vg[:, :, skip:]
-            if self.static and S == 1:
-                out.append((keys, values))
-            else:  # dynamic, or a static cache's (eager) prefill chunk: the steps written so far
+                for buf, x in zip(kept, new):
+                    buf[:, :, at : at + S - skip] = x[g.start : g.stop, :, skip:]
+                # dynamic, or a static cache's (eager) prefill chunk: the steps written so far
                 end = self.length + S - g.first
-                out.append((keys[:, :, :end], values[:, :, :end]))
+                views = [buf[:, :, :end] for buf in kept]
+            out.append(QuantizedKV(*views) if self.quantized else tuple(views))
         return out
 
     def advance(self, S: int) -> None:
@@ -217,7 +238,41 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.keys + self.values for t in layer)
+        layers = self.keys + self.values + (self.key_scales + self.value_scales if self.quantized else [])
+        return sum(t.numel() * t.element_size() for layer in layers for t in layer)
+
+
+class QuantizedKV(NamedTuple):
+    """One row group's int8 keys/values [rows, heads, steps, head_dim] and their float32 scales
+    [rows, heads, steps, 1]: key = keys * key_scale."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_scale: torch.Tensor
+    value_scale: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return ((self.keys.to(torch.float32) * self.key_scale).to(dtype),
+                (self.values.to(torch.float32) * self.value_scale).to(dtype))
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim (one head's channels of one step): (int8, float32 scale)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+    return x.div(scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantized_attention(q: torch.Tensor, kv: QuantizedKV, blocked: torch.Tensor | None = None) -> torch.Tensor:
+    """matmul_attention over an int8 cache without dequantizing it: a key's scale multiplies its
+    score and a value's scale its probability, so each step converts the int8 buffers once
+    (to float32, which on an AMD EPYC ran as fast as a bf16 cache's products; benchmarks/README.md)."""
+    scores = torch.matmul(q.float(), kv.keys.to(torch.float32).transpose(-1, -2))
+    scores.mul_(kv.key_scale.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if blocked is not None:
+        scores = scores.masked_fill_(blocked, float("-inf"))
+    probs = scores.softmax(dim=-1).mul_(kv.value_scale.transpose(-1, -2))
+    return torch.matmul(probs, kv.values.to(torch.float32)).to(q.dtype)
 
 
 class AttentionMask(NamedTuple):
@@ -267,6 +322,10 @@ def _attend_group(q, kv: tuple[torch.Tensor, torch.Tensor] | None, mask: Attenti
     the group is masked) gives 0, as `_attend` gives a query without any allowed key."""
     if kv is None:
         return torch.zeros_like(q)
+    if isinstance(kv, QuantizedKV):
+        if q.shape[2] == 1:  # one decode step: the scales fold into the scores and probabilities
+            return quantized_attention(q, kv, mask.blocked).masked_fill(mask.empty, 0.0)
+        return _attend(q, *kv.dequantize(q.dtype), mask)  # a prefill chunk: a transient float copy
     k, v = kv
     return _attend(q.to(k.dtype), k, v, mask)
 

@@ -43,24 +43,32 @@ class SynthSpec(_Section):
     bpm_range: tuple[float, float] | None = None
 
     def ensure(self, root: str | os.PathLike) -> Path:
-        """Write the songs into `root` unless it exists; a half-written folder never appears."""
+        """Write the songs into `root` unless it exists; a half-written folder never appears.
+
+        Two runs that need the same folder (a codec and an expert training started together)
+        take turns on `.ROOT.lock` beside it: the second waits and then finds the folder written.
+        """
         import shutil
         import tempfile
 
+        from ..locks import exclusive
         from .synth import write_dataset
 
         root = Path(root)
         if root.exists():
             return root
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-        try:
-            write_dataset(tmp, self.n_songs, seed=self.seed, duration=self.duration,
-                          sample_rate=self.sample_rate, bpm_range=self.bpm_range)
-            tmp.rename(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with exclusive(root.parent / f".{root.name}.lock", f"the synthetic dataset {root}", wait=True):
+            if root.exists():  # written by the run we waited for
+                return root
+            tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+            try:
+                write_dataset(tmp, self.n_songs, seed=self.seed, duration=self.duration,
+                              sample_rate=self.sample_rate, bpm_range=self.bpm_range)
+                tmp.rename(root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return root
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..atomic import atomic_path, atomic_write_text
+from ..locks import exclusive
 from ..audio import click_track, resample
 from .data import (EXCLUDED_STEMS, BadSong, ChordSpan, DatasetError, PairInfo, SongSource, StemDataset, augment,
                    draw_augmentation, load_song_metadata, read_stem, require_pedalboard, scan_songs)
@@ -151,6 +152,8 @@ def pretokenize(source: str | os.PathLike | StemDataset, codec, out_dir: str | o
     is kept unless `overwrite`. Only the codec config is compared with the existing cache: use a
     new folder when you change the other settings. `target_stems` limits which targets get their
     context mixes (default: every stem). Bad songs are skipped and counted in `skipped`.
+    Two processes building one cache take turns on `out_dir/.pretokenize.lock`: the second
+    waits, then keeps what the first wrote.
     """
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
@@ -162,6 +165,13 @@ def pretokenize(source: str | os.PathLike | StemDataset, codec, out_dir: str | o
         songs, skipped, _ = scan_songs(source, stems, exclude_stems)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir / ".pretokenize.lock", f"the token cache {out_dir}", wait=True):
+        return _pretokenize(songs, skipped, codec, out_dir, variants, target_stems, max_mixes_per_target, speed,
+                            pitch, seed, chunk_seconds, batch_size, overwrite, progress)
+
+
+def _pretokenize(songs, skipped, codec, out_dir: Path, variants, target_stems, max_mixes_per_target, speed, pitch,
+                 seed, chunk_seconds, batch_size, overwrite, progress) -> TokenCacheIndex:
     cfg = codec.config
     index = TokenCacheIndex(codec_config=cfg.to_dict(), sample_rate=cfg.sample_rate, frame_rate=cfg.frame_rate,
                             n_q=cfg.n_q, card=cfg.card)
