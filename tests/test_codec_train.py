@@ -187,3 +187,36 @@ def test_load_codec_file_rejects_other_files(tmp_path):
     path = atomic_save_safetensors({"x": torch.zeros(1)}, tmp_path / "other.safetensors", {"kind": '"other"'})
     with pytest.raises(StageStackError, match="neither a codec file"):
         load_codec_file(path)
+
+
+def test_data_stems_limit_what_a_codec_trains_on(tmp_path):
+    from stage_stack.training.codec_train import ClipSampler, load_songs
+
+    config = _config(tmp_path, data={"root": str(tmp_path / "songs"), "valid_root": str(tmp_path / "valid"),
+                                     "synth": {"n_songs": 2, "seed": 0, "duration": 2, "sample_rate": 16000},
+                                     "stems": ["keys"], "mix_prob": 0.5})
+    config.data.synth.ensure(config.data.root)
+    every, _ = load_songs(config.data.root, 16000)
+    keys, _ = load_songs(config.data.root, 16000, stems=config.data.stems)
+    assert [set(s.stems) for s in keys] == [{"keys"}] * 2 and all(len(s.stems) > 1 for s in every)
+    for a, b in zip(keys, every):
+        assert np.array_equal(a.stems["keys"], b.stems["keys"])
+    # a song of one stem has no mix to draw: every clip is a window of that stem
+    sampler = ClipSampler(keys, 16000, 0.5, config.data.mix_prob, 0.0, 0.0, seed=0)
+    for clip in sampler.batch(0, 4)[:, 0].numpy():
+        assert any(_holds_window(s.stems["keys"], clip) for s in keys)
+    with pytest.raises(StageStackError, match=r"no usable songs with a stem among viola \(data.stems\)"):
+        load_songs(config.data.root, 16000, stems=("viola",))
+    with pytest.raises(TrainingConfigError, match="stems must name at least one stem"):
+        load_config_text(tmp_path, "data: {root: a, valid_root: b, stems: []}\n")
+
+
+def load_config_text(tmp_path, data_line: str) -> CodecTrainConfig:
+    path = tmp_path / "codec.yaml"
+    path.write_text("run_dir: r\noutput: o.safetensors\nmax_steps: 10\ncodec: {sample_rate: 16000}\n" + data_line)
+    return load_config(path, CodecTrainConfig)
+
+
+def _holds_window(audio: np.ndarray, clip: np.ndarray) -> bool:
+    starts = np.flatnonzero((audio[:-1] == clip[0]) & (audio[1:] == clip[1]))
+    return any(np.array_equal(audio[i:i + clip.size], clip) for i in starts if i + clip.size <= audio.size)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from stage_stack.errors import StageStackError, TrainingConfigError
 from stage_stack.expert import load_expert, read_metadata, save_codec
@@ -20,6 +21,7 @@ from stage_stack.generation import SamplingParams, generate
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights
 from stage_stack.testing import calibrated_codec, tiny_codec
 from stage_stack.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from stage_stack.training.codec_train import load_codec_file
 from stage_stack.training.config import TrainConfig, load_config
 from stage_stack.training.train import Base, Trainer, build_datasets, lr_factors, train
 
@@ -187,12 +189,7 @@ def test_a_run_saved_before_the_loss_section_resumes(shared, tmp_path):
 def test_resume_accepts_a_retrained_decoder_but_not_another_encoder(shared, tmp_path):
     train(make_config(shared, tmp_path / "run"), progress=False, export=False, stop_after=1)
     for part, allowed in (("decoder.", True), ("encoder.", False)):
-        codec = tiny_codec()
-        with torch.no_grad():
-            for name, p in codec.model.named_parameters():
-                if name.startswith(part):
-                    p.add_(0.01)
-        path = save_codec(tmp_path / f"{part}safetensors", codec)
+        path = _nudged_codec(tmp_path, part)
         config = make_config(shared, tmp_path / "run", schedule={"max_steps": 2})
         config.base.fresh.codec = path
         if allowed:  # same codes: the run continues (and would embed the new decoder)
@@ -200,6 +197,42 @@ def test_resume_accepts_a_retrained_decoder_but_not_another_encoder(shared, tmp_
         else:
             with pytest.raises(TrainingConfigError, match="encodes differently"):
                 train(config, resume=True, progress=False, export=False)
+
+
+def _nudged_codec(tmp_path: Path, part: str) -> Path:
+    """The tiny codec with every `part` ("decoder." or "encoder.") weight moved by 0.01."""
+    codec = tiny_codec()
+    with torch.no_grad():
+        for name, p in codec.model.named_parameters():
+            if name.startswith(part):
+                p.add_(0.01)
+    return save_codec(tmp_path / f"{part}safetensors", codec)
+
+
+def test_base_codec_swaps_a_base_experts_decoder_but_not_its_codes(shared, tmp_path):
+    first = train(make_config(shared, tmp_path / "first", schedule={"max_steps": 2, "embed_only_steps": 0,
+                                                                      "unfreeze_ramp_steps": 0}),
+                  progress=False).output
+    decoder = _nudged_codec(tmp_path, "decoder.")
+    config = make_config(shared, tmp_path / "second", schedule={"max_steps": 2, "embed_only_steps": 0,
+                                                                  "unfreeze_ramp_steps": 0})
+    config.base.fresh, config.base.expert, config.base.codec = None, first, decoder
+    expert = load_expert(train(config, progress=False).output)
+    before = load_expert(first).codec.model.state_dict()
+    wanted = load_codec_file(decoder)[0].model.state_dict()
+    moved = 0
+    for name, tensor in expert.codec.model.state_dict().items():  # the new decoder, the same encoder
+        assert torch.equal(tensor, wanted[name]), name
+        moved += not torch.equal(tensor, before[name])
+        assert name.startswith("decoder.") or torch.equal(tensor, before[name]), name
+    assert moved > 0
+
+    config = make_config(shared, tmp_path / "refused")
+    config.base.fresh, config.base.expert, config.base.codec = None, first, _nudged_codec(tmp_path, "encoder.")
+    with pytest.raises(TrainingConfigError, match=r"base.codec \(.*encoder.safetensors\) gives other codes .*`train_encoder: false`"):
+        train(config, progress=False)
+    with pytest.raises(ValidationError, match="a fresh LM names its own"):
+        make_config(shared, tmp_path / "third", base={"fresh": {"codec": str(decoder)}, "codec": str(decoder)})
 
 
 def test_phase_one_trains_only_embeddings(shared, tmp_path):

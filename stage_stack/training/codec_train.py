@@ -276,8 +276,10 @@ class SongAudio:
     stems: dict[str, np.ndarray]  # stem -> float32 [samples] at the codec rate
 
 
-def load_songs(root: str | Path, sample_rate: int, limit: int | None = None) -> tuple[list[SongAudio], dict]:
-    """Every usable song of a MoisesDB-style folder, fully decoded at `sample_rate`.
+def load_songs(root: str | Path, sample_rate: int, limit: int | None = None,
+               stems: tuple[str, ...] | None = None) -> tuple[list[SongAudio], dict]:
+    """Every usable song of a MoisesDB-style folder, fully decoded at `sample_rate` (only `stems`
+    of each, when given: a song with none of them is left out).
 
     Bad songs are skipped with a counted warning (`scan_songs` / `BadSong`); returns (songs, skip counts).
     """
@@ -287,16 +289,21 @@ def load_songs(root: str | Path, sample_rate: int, limit: int | None = None) -> 
     sources, skipped, _ = scan_songs(root)
     songs = []
     for source in sources[:limit]:
+        names = [s for s in source.stems if stems is None or s in stems]
+        if not names:
+            continue
         try:
-            stems = {s: resample(read_stem(source, s, 0, source.num_frames), source.sample_rate, sample_rate)
-                     for s in source.stems}
+            audio = {s: resample(read_stem(source, s, 0, source.num_frames), source.sample_rate, sample_rate)
+                     for s in names}
         except BadSong as e:
             skipped[e.reason] += 1
             log.warning("skipping song %s (%s): %s", source.song_id, e.reason, e)
             continue
-        songs.append(SongAudio(source.song_id, stems))
+        songs.append(SongAudio(source.song_id, audio))
     if not songs:
-        raise StageStackError(f"{root}: no usable songs for codec training (skipped: {dict(skipped) or 'none'})")
+        wanted = "" if stems is None else f" with a stem among {', '.join(stems)} (data.stems)"
+        raise StageStackError(f"{root}: no usable songs{wanted} for codec training "
+                              f"(skipped: {dict(skipped) or 'none'})")
     return songs, dict(skipped)
 
 
@@ -508,7 +515,7 @@ def train_codec(config: CodecTrainConfig, resume: bool = False, progress: bool =
     for root, synth in ((config.data.root, config.data.synth), (config.data.valid_root, config.data.valid_synth)):
         if synth is not None:
             synth.ensure(root)
-    songs, skipped = load_songs(config.data.root, codec_cfg.sample_rate)
+    songs, skipped = load_songs(config.data.root, codec_cfg.sample_rate, stems=config.data.stems)
     valid_songs, valid_skipped = load_songs(config.data.valid_root, codec_cfg.sample_rate, config.eval.n_songs)
     sampler = ClipSampler(songs, codec_cfg.sample_rate, config.data.segment_seconds, config.data.mix_prob,
                           config.data.click_prob, config.data.silence_threshold, config.seed)

@@ -104,11 +104,17 @@ class BaseSpec(_Section):
 
     expert: Path | None = None
     fresh: FreshModel | None = None
+    # With `expert`: a codec file (or an expert file embedding one) that replaces the expert's
+    # codec. It must give the same codes (`codec_fingerprint`: a decoder retrained with the
+    # encoder frozen), so the LM's vocabulary is unchanged; only how its stems sound changes.
+    codec: Path | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "BaseSpec":
         if (self.expert is None) == (self.fresh is None):
             raise ValueError("set exactly one of 'expert' (a base expert file) or 'fresh' (a new small LM)")
+        if self.codec is not None and self.expert is None:
+            raise ValueError("codec replaces a base expert's codec; a fresh LM names its own (base.fresh.codec)")
         return self
 
 
@@ -294,11 +300,16 @@ class CodecDataConfig(_Section):
     mix_prob: float = Field(0.35, ge=0, le=1)  # a sum of 2+ stems (contexts are mixes)
     click_prob: float = Field(0.1, ge=0, le=1)  # a click track (drum contexts are clicks)
     silence_threshold: float = Field(0.01, ge=0)
+    # The stems a clip (and a mix) is drawn from; None = every stem. One stem trains a decoder for
+    # one instrument's waveform on codes it shares with the other experts (`train_encoder: false`).
+    stems: tuple[str, ...] | None = None
 
     @model_validator(mode="after")
     def _probs(self) -> "CodecDataConfig":
         if self.mix_prob + self.click_prob > 1:
             raise ValueError(f"mix_prob + click_prob must be <= 1, got {self.mix_prob} + {self.click_prob}")
+        if self.stems is not None and not self.stems:
+            raise ValueError("stems must name at least one stem (or be left out for every stem)")
         return self
 
 

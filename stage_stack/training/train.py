@@ -82,7 +82,10 @@ def load_base(config: TrainConfig) -> Base:
             raise StageStackError(f"{spec.expert}: the LM uses text cross-attention but its text encoder was not "
                                   "found; install it (see `stage-stack install`) before training")
         context_info = expert.metadata.training.get("context_codec", {})
-        return Base(expert.lm.train(), expert.codec, expert.metadata, expert.text, info, str(spec.expert),
+        codec = expert.codec
+        if spec.codec is not None:
+            codec, info = _same_codes_codec(spec.codec, expert.codec, spec.expert)
+        return Base(expert.lm.train(), codec, expert.metadata, expert.text, info, str(spec.expert),
                     expert.context_codec, context_info)
 
     from .codec_train import load_codec_file
@@ -90,14 +93,10 @@ def load_base(config: TrainConfig) -> Base:
     fresh = spec.fresh
     codec, codec_training = load_codec_file(fresh.codec)
 
-    def describe(path: Path, training: dict) -> dict:
-        return {"id": training.get("config", {}).get("id", Path(path).stem), "metrics": training.get("metrics", {}),
-                "file": str(path)}
-
     context_codec, context_info = None, {}
     if fresh.context_codec is not None:
         context_codec, context_training = load_codec_file(fresh.context_codec)
-        context_info = describe(fresh.context_codec, context_training)
+        context_info = _codec_info(fresh.context_codec, context_training)
         for name, theirs, mine in context_codec_mismatches(codec.config, context_codec.config):
             raise TrainingConfigError(
                 f"base.fresh.context_codec ({fresh.context_codec}) has {name} {theirs}, but base.fresh.codec "
@@ -108,8 +107,28 @@ def load_base(config: TrainConfig) -> Base:
                            positions=fresh.positions,
                            context_card=0 if context_codec is None else context_codec.config.card)
     lm = init_weights(StageLM(lm_cfg), seed=fresh.init_seed).train()
-    return Base(lm, codec, None, None, describe(fresh.codec, codec_training), f"fresh {lm_cfg}", context_codec,
+    return Base(lm, codec, None, None, _codec_info(fresh.codec, codec_training), f"fresh {lm_cfg}", context_codec,
                 context_info)
+
+
+def _same_codes_codec(path: Path, current: Codec, expert_path: Path) -> tuple[Codec, dict]:
+    """base.codec: the codec file at `path` (and its card info), refused unless it gives the same
+    codes as the base expert's own codec."""
+    from .codec_train import load_codec_file
+
+    codec, training = load_codec_file(path)
+    if codec_fingerprint(codec) != codec_fingerprint(current):
+        raise TrainingConfigError(
+            f"base.codec ({path}) gives other codes than the codec embedded in base.expert ({expert_path}): its "
+            f"config, encoder or codebooks differ. Use a codec trained from that one with `train_encoder: false` "
+            f"(its decoder alone retrained), or leave base.codec out")
+    return codec, _codec_info(path, training)
+
+
+def _codec_info(path: Path, training: dict) -> dict:
+    """A trained codec's id, metrics and file, for the model card."""
+    return {"id": training.get("config", {}).get("id", Path(path).stem), "metrics": training.get("metrics", {}),
+            "file": str(path)}
 
 
 def codec_fingerprint(codec: Codec) -> str:
