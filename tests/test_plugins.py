@@ -379,6 +379,16 @@ def test_doctor_reports_cuda_devices_and_an_old_torch(isolated, monkeypatch):
     assert "[FAIL] torch: 2.1.2 is older than 2.4" in result.stdout
 
 
+def test_doctor_says_a_chain_shares_a_codec_config_not_its_weights(isolated, tiny_expert):
+    assert run("install", "drums", str(tiny_expert(isolated / "d.safetensors", instrument="drums"))).exit_code == 0
+    other_weights = tiny_expert(isolated / "b.safetensors", instrument="bass", seed=5)  # its codec too
+    assert run("install", "bass", str(other_weights)).exit_code == 0  # same config, other weights: chains
+    result = run("doctor")
+    assert result.exit_code == 0, result.output
+    assert ("[ ok ] default chain: drums, bass can be chained (one codec config; each expert hears through its "
+            "own codec weights)") in result.stdout
+
+
 def test_doctor_fails_on_a_default_chain_with_two_codecs(isolated, tiny_expert):
     import dataclasses
 

@@ -254,7 +254,10 @@ def _check_instruments(report: Report, registry: Registry) -> None:
     if len(chain) > 1:
         try:
             registry.check_chain(chain)
-            report.line("ok", "default chain", f"{', '.join(chain)} share one codec")
+            # Same codec config, not the same weights: each expert encodes its context with its
+            # own codec (the demo drums, bass and keys embed three), which is all chaining needs.
+            report.line("ok", "default chain", f"{', '.join(chain)} can be chained (one codec config; each "
+                                               "expert hears through its own codec weights)")
         except StageStackError as e:
             report.line("FAIL", "default chain", str(e))
 
