@@ -178,8 +178,8 @@ def default_kv_dtype(lm: StageLM, n_params: int | None = None) -> torch.dtype | 
     else None (`StageLM.new_cache` chooses).
 
     Quantized weights are chosen to fit memory, and there the cache is what is left: at
-    MusicGen-small size (10 s + 10 s) an int8 cache takes the int8 row's peak RSS from 800 to
-    733 MB at the same decode rate (benchmarks/README.md). Small models keep a float cache: their
+    MusicGen-small size (10 s + 10 s) an int8 cache took the int8 row's peak RSS from 836 to
+    786 MB at the same decode rate per CPU-second (benchmarks/README.md, stop 28). Small models keep a float cache: their
     steps are bound by per-op overhead, and quantizing each step's keys adds ops for no bytes
     that matter.
     """

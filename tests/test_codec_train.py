@@ -170,12 +170,9 @@ def test_codec_resume_is_exact(tmp_path):
 
 
 def test_codec_config_errors_name_the_field(tmp_path):
-    path = tmp_path / "codec.yaml"
-    path.write_text("run_dir: r\noutput: o.safetensors\nmax_steps: 10\n"
-                    "codec: {sample_rate: 16000, card: 300}\ndata: {root: a, valid_root: b, mix_prob: 0.8, "
-                    "click_prob: 0.5}\n")
     with pytest.raises(TrainingConfigError) as err:
-        load_config(path, CodecTrainConfig)
+        _load_codec_config(tmp_path, "codec: {sample_rate: 16000, card: 300}\n"
+                                     "data: {root: a, valid_root: b, mix_prob: 0.8, click_prob: 0.5}\n")
     text = str(err.value)
     assert "field 'codec'" in text and "power of two" in text
     assert "field 'data'" in text and "mix_prob + click_prob" in text
@@ -208,12 +205,13 @@ def test_data_stems_limit_what_a_codec_trains_on(tmp_path):
     with pytest.raises(StageStackError, match=r"no usable songs with a stem among viola \(data.stems\)"):
         load_songs(config.data.root, 16000, stems=("viola",))
     with pytest.raises(TrainingConfigError, match="stems must name at least one stem"):
-        load_config_text(tmp_path, "data: {root: a, valid_root: b, stems: []}\n")
+        _load_codec_config(tmp_path, "codec: {sample_rate: 16000}\ndata: {root: a, valid_root: b, stems: []}\n")
 
 
-def load_config_text(tmp_path, data_line: str) -> CodecTrainConfig:
+def _load_codec_config(tmp_path, sections: str) -> CodecTrainConfig:
+    """A codec config file with a run_dir, an output, 10 steps and `sections`, read as users' are."""
     path = tmp_path / "codec.yaml"
-    path.write_text("run_dir: r\noutput: o.safetensors\nmax_steps: 10\ncodec: {sample_rate: 16000}\n" + data_line)
+    path.write_text("run_dir: r\noutput: o.safetensors\nmax_steps: 10\n" + sections)
     return load_config(path, CodecTrainConfig)
 
 

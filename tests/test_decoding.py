@@ -402,7 +402,6 @@ def test_bf16_kv_cache_agrees_with_float32_cache():
     assert (f_steps - b_steps).abs().max() < 0.05 * f_steps.abs().max()
 
 
-
 @pytest.mark.parametrize("static", [False, True])
 def test_int8_kv_cache_agrees_with_float32_cache(static):
     lm = sharp_lm()
@@ -440,7 +439,6 @@ def test_int8_kv_cache_holds_half_a_bf16_cache_and_reads_back_each_step():
     assert torch.equal(values, -keys)
     with pytest.raises(ValueError, match="float dtype or torch.int8"):
         KVCache(config, 2, 100, "cpu", torch.int16)
-
 
 
 @pytest.mark.parametrize("small_below, fmt, want", [(1, "int8", torch.int8), (1, "int4", torch.int8),

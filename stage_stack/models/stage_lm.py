@@ -267,12 +267,8 @@ def quantized_attention(q: torch.Tensor, kv: QuantizedKV, blocked: torch.Tensor 
     """matmul_attention over an int8 cache without dequantizing it: a key's scale multiplies its
     score and a value's scale its probability, so each step converts the int8 buffers once
     (to float32, which on an AMD EPYC ran as fast as a bf16 cache's products; benchmarks/README.md)."""
-    scores = torch.matmul(q.float(), kv.keys.to(torch.float32).transpose(-1, -2))
-    scores.mul_(kv.key_scale.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    if blocked is not None:
-        scores = scores.masked_fill_(blocked, float("-inf"))
-    probs = scores.softmax(dim=-1).mul_(kv.value_scale.transpose(-1, -2))
-    return torch.matmul(probs, kv.values.to(torch.float32)).to(q.dtype)
+    return matmul_attention(q.float(), kv.keys.to(torch.float32), kv.values.to(torch.float32), blocked,
+                            key_scale=kv.key_scale, value_scale=kv.value_scale).to(q.dtype)
 
 
 class AttentionMask(NamedTuple):
@@ -289,18 +285,26 @@ def _attention_mask(allowed: torch.Tensor) -> AttentionMask:
     return AttentionMask(allowed, empty, ~allowed)
 
 
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor | None = None,
+                     key_scale: torch.Tensor | None = None, value_scale: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v as two batched products and a float32 softmax.
 
     For one query over a long cache this beats SDPA's CPU kernels on some machines (an AMD EPYC
     without AMX: several times in bf16, where SDPA converts block by block). `blocked` (bool,
-    broadcast to the scores) hides keys; every row must keep at least one key.
+    broadcast to the scores) hides keys; every row must keep at least one key. `key_scale` /
+    `value_scale` [..., steps, 1] are per-step factors of quantized keys / values
+    (`quantized_attention`), applied to the scores and the probabilities.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()
+    if key_scale is not None:
+        scores.mul_(key_scale.transpose(-1, -2))
+    scores.mul_(q.shape[-1] ** -0.5)
     if blocked is not None:
         scores = scores.masked_fill_(blocked, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    probs = scores.softmax(dim=-1)
+    if value_scale is not None:
+        probs.mul_(value_scale.transpose(-1, -2))
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def _attend(q, k, v, mask: AttentionMask) -> torch.Tensor:
