@@ -67,7 +67,7 @@ from _common import (  # noqa: E402
 
 from stage_stack import machine as stage_machine  # noqa: E402
 from stage_stack.generation import SamplingParams, generate, sample_next  # noqa: E402
-from stage_stack.models.quant import QUANTIZED, release_freed_memory, weight_count  # noqa: E402
+from stage_stack.models.quant import QUANTIZED, named_weight_bytes, release_freed_memory, weight_count  # noqa: E402
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights  # noqa: E402
 
 OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int4": "int4"}
@@ -75,8 +75,12 @@ OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int
 # side of that choice, measured in the same run (stage_stack.machine, half_kv_cache).
 # ours with the KV cache dtype forced: (weight format, cache dtype)
 OURS_FORCED_KV = {"ours-bf16-halfkv": ("bf16", torch.bfloat16), "ours-int8-halfkv": ("int8", torch.bfloat16),
-                  "ours-bf16-int8kv": ("bf16", torch.int8), "ours-int8-int8kv": ("int8", torch.int8)}
-METHODS = (*OURS, *OURS_FORCED_KV, "full-recompute", "hf-generate", "hf-loop")
+                  "ours-bf16-int8kv": ("bf16", torch.int8), "ours-int8-int8kv": ("int8", torch.int8),
+                  "ours-fp32-halfkv": ("fp32", torch.bfloat16), "ours-fp32-int8kv": ("fp32", torch.int8)}
+# int8 with the decode kernel forced (stage_stack.machine, int8_decode): the other side of that
+# choice, measured in the same run
+OURS_INT8_KERNEL = {"ours-int8-weightonly": "weight_only", "ours-int8-dynamic": "dynamic"}
+METHODS = (*OURS, *OURS_FORCED_KV, *OURS_INT8_KERNEL, "full-recompute", "hf-generate", "hf-loop")
 CONFIGS = ("nocross", "cross")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "generation_speed.json"
 CFG_COEF = 3.0
@@ -179,11 +183,11 @@ def text_memory(work: Workload, dim: int) -> tuple[torch.Tensor, torch.Tensor] |
 # -- ours -------------------------------------------------------------------------------------
 
 
-def build_ours(work: Workload, dtype: torch.dtype | str) -> StageLM:
+def build_ours(work: Workload, dtype: torch.dtype | str, int8_kernel: str | None = None) -> StageLM:
     # Built directly in `dtype` (not fp32 then cast) so the process never holds two copies and
     # its peak RSS is what loading an expert in that dtype costs.
     if dtype in QUANTIZED:
-        return build_quantized(work.lm_config, dtype, work.seed)
+        return build_quantized(work.lm_config, dtype, work.seed, int8_kernel)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -195,7 +199,7 @@ def build_ours(work: Workload, dtype: torch.dtype | str) -> StageLM:
     return lm
 
 
-def build_quantized(cfg: StageLMConfig, fmt: str, seed: int) -> StageLM:
+def build_quantized(cfg: StageLMConfig, fmt: str, seed: int, int8_kernel: str | None = None) -> StageLM:
     """A random int8/int4 LM built the way load_expert builds one: on the meta device, then one
     float matrix at a time, quantized as it is made (no float copy of the model ever exists).
     Weights follow init_weights' recipe with a generator per tensor, so they are a function of
@@ -208,6 +212,9 @@ def build_quantized(cfg: StageLMConfig, fmt: str, seed: int) -> StageLM:
     with init_empty_weights(include_buffers=False):
         lm = StageLM(cfg)
     names = set(replace_linears(lm, fmt))
+    if int8_kernel is not None:  # None: this machine's choice, as load_expert makes it
+        for name in names:
+            lm.get_submodule(name).kernel = int8_kernel
     for name, p in list(lm.named_parameters()):
         set_module_tensor_to_device(lm, name, "cpu", value=random_float(cfg, name, p.shape, seed),
                                     dtype=torch.bfloat16)
@@ -290,8 +297,8 @@ def ours_step_bytes(lm: StageLM) -> int:
     """Weight bytes one decoding step reads: every matrix on the per-step path, plus one
     embedding row per codebook. Cross-attention k/v and text_proj run once per call, not per step."""
     skipped = ("embeddings.", "text_proj.")
-    tensors = list(lm.named_parameters()) + list(lm.named_buffers())  # quantized weights are buffers
-    total = sum(p.numel() * p.element_size() for name, p in tensors
+    # quantized weights are buffers or fbgemm's packed matrices: named_weight_bytes counts both
+    total = sum(size for name, size in named_weight_bytes(lm)
                 if not name.startswith(skipped) and ".cross_attn.kv." not in name)
     p = lm.final_norm.weight
     return total + lm.config.n_q * lm.config.dim * p.element_size()
@@ -523,12 +530,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     extra_kv = work.text_tokens if work.cross else 0
 
     with torch.no_grad():
-        if method in OURS or method in OURS_FORCED_KV or method == "full-recompute":
-            fmt, forced_kv = (OURS[method], None) if method in OURS else OURS_FORCED_KV.get(method, ("fp32", None))
+        if method in OURS or method in OURS_FORCED_KV or method in OURS_INT8_KERNEL or method == "full-recompute":
+            if method in OURS_INT8_KERNEL:
+                fmt, forced_kv = "int8", None
+            else:
+                fmt, forced_kv = (OURS[method], None) if method in OURS else OURS_FORCED_KV.get(method, ("fp32", None))
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(fmt, fmt)
-            model = build_ours(work, dtype)
+            model = build_ours(work, dtype, OURS_INT8_KERNEL.get(method))
             row["build_s"] = time.perf_counter() - t0
-            weights = list(model.parameters()) + list(model.buffers())
+            weight_bytes = sum(size for _, size in named_weight_bytes(model))
             dtype = fmt
             step_bytes = ours_step_bytes(model)
             kv_dtype = forced_kv or model.new_cache(1, 1).keys[0][0].dtype  # may differ from the weights'
@@ -549,7 +559,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.set_num_threads(stage_machine.choose_threads(400_000_000 if not work.quick else 1))
             model = build_hf(work, conditional=method == "hf-generate" and work.cross)
             row["build_s"] = time.perf_counter() - t0
-            weights = list(model.parameters())
+            weight_bytes = tensor_bytes(model.parameters())
             step_bytes = hf_step_bytes(model, work.cross)
             kv_dtype = dtype
             short = Workload(**{**asdict(work), "context_frames": 8, "gen_frames": 2, "steps": 4})
@@ -591,7 +601,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "kv_dtype": str(kv_dtype).removeprefix("torch."),
         "threads": getattr(clock, "threads", None) or torch.get_num_threads(),
         "thread_setting": str(work.threads) if work.threads else "auto",
-        "weight_bytes": tensor_bytes(weights),
+        "weight_bytes": weight_bytes,
         "weight_bytes_per_step": step_bytes,
         "kv_bytes_per_step": int(kv_bytes),
         "rss_start_bytes": rss_start,
@@ -669,10 +679,23 @@ def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(work.threads)
     result: dict[str, Any] = {"steps": steps, "formats": {}, "demo": {}}
     codes, mask = accuracy_sequence(cfg, min(work.context_frames, 100), steps, seed)
-    ref = guided_logits(build_float(cfg, torch.float32, seed), codes, mask, steps)
-    for fmt in ("bf16", "int8", "int4"):
-        lm = build_float(cfg, torch.bfloat16, seed) if fmt == "bf16" else build_quantized(cfg, fmt, seed)
-        result["formats"][fmt] = compare_logits(guided_logits(lm, codes, mask, steps), ref)
+    fp32 = build_float(cfg, torch.float32, seed)
+    ref = guided_logits(fp32, codes, mask, steps)
+    # fp32 weights decoded step by step with a float32 (the control: ~0), bf16 and int8 cache
+    for name, kv in (("fp32+fp32kv", torch.float32), ("fp32+bf16kv", torch.bfloat16), ("fp32+int8kv", torch.int8)):
+        result["formats"][name] = compare_logits(cached_guided_logits(fp32, codes, mask, steps, kv), ref)
+    del fp32
+    for fmt in ("bf16", "int8", "int8-weightonly", "int8-dynamic", "int4"):
+        kernel = {"int8-weightonly": "weight_only", "int8-dynamic": "dynamic"}.get(fmt)
+        if fmt == "bf16":
+            lm = build_float(cfg, torch.bfloat16, seed)
+        else:
+            lm = build_quantized(cfg, fmt.split("-")[0], seed, kernel)
+        if kernel is None:
+            result["formats"][fmt] = compare_logits(guided_logits(lm, codes, mask, steps), ref)
+        else:  # the decode product runs only one step at a time (a teacher-forced pass is a prefill GEMM)
+            result["formats"][fmt + "+bf16kv"] = compare_logits(
+                cached_guided_logits(lm, codes, mask, steps, torch.bfloat16), ref)
         if fmt == "int8":  # the cache's own rounding, decoded step by step: bf16 cache vs int8 cache
             for name, kv in (("int8+bf16kv", torch.bfloat16), ("int8+int8kv", torch.int8)):
                 result["formats"][name] = compare_logits(cached_guided_logits(lm, codes, mask, steps, kv), ref)
@@ -769,7 +792,8 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
     for config, threads in groups:
         group = [r for r in rows if r.get("thread_setting", "auto") == threads]
         fp32, bf16, int8, int4 = (_find(group, config, m) for m in OURS)
-        bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv = (_find(group, config, m) for m in OURS_FORCED_KV)
+        bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv, fp32_hkv, fp32_i8kv = (_find(group, config, m) for m in OURS_FORCED_KV)
+        int8_wo, int8_dyn = (_find(group, config, m) for m in OURS_INT8_KERNEL)
         recompute, hf_gen, hf_loop = (_find(group, config, m) for m in ("full-recompute", "hf-generate", "hf-loop"))
         pairs = [
             ("ours fp32 / full-recompute", fp32, recompute, TARGET_OURS_VS_RECOMPUTE, "steps_per_s"),
@@ -790,6 +814,12 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             ("ours int8, int8 KV / ours int8", int8_i8kv, int8, None, "decode_steps_per_cpu_s"),
             ("ours int8, int8 KV / ours bf16", int8_i8kv, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
             ("ours bf16, int8 KV / ours bf16", bf16_i8kv, bf16, None, "decode_steps_per_s"),
+            ("ours fp32, bf16 KV / ours fp32", fp32_hkv, fp32, None, "decode_steps_per_s"),
+            ("ours fp32, int8 KV / ours fp32", fp32_i8kv, fp32, None, "decode_steps_per_s"),
+            ("ours int8 dynamic / ours int8 weight-only", int8_dyn, int8_wo, None, "decode_steps_per_s"),
+            ("ours int8 dynamic / ours int8 weight-only", int8_dyn, int8_wo, None, "decode_steps_per_cpu_s"),
+            ("ours int8 weight-only / ours bf16", int8_wo, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
+            ("ours int8 dynamic / ours bf16", int8_dyn, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
         ]
         for name, a, b, target, key in pairs:
             value = _ratio(a, b, key)
@@ -801,7 +831,8 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             targets.append({"config": config, "threads": threads, "target": "bf16 decode share of the bandwidth bound",
                             "value": bf16["bound_share"], "limit": TARGET_BF16_SHARE,
                             "met": bf16["bound_share"] >= TARGET_BF16_SHARE})
-        for r in (fp32, bf16, int8, int4, bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv):
+        for r in (fp32, bf16, int8, int4, bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv, fp32_hkv, fp32_i8kv, int8_wo,
+                  int8_dyn):
             if r is not None and "rss_ok" in r:
                 targets.append({"config": config, "threads": threads,
                                 "target": f"{r['method']} peak RSS <= 1.2 x weights + 300 MB",
@@ -812,7 +843,12 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
 def stem_target(rows: list[dict], accuracy: dict | None) -> list[dict]:
     """A 10 s stem with prefill, best format whose top-1 agreement with fp32 is >= 95 %."""
     out = []
-    agree = {"fp32": 1.0, **{f: v["top1_agreement"] for f, v in (accuracy or {}).get("formats", {}).items()}}
+    formats = (accuracy or {}).get("formats", {})
+    # a format's worst row: teacher forced (prefill GEMMs) and decoded step by step with each KV
+    # cache (the decode product: for int8 the machine's int8_decode kernel)
+    agree = {f: min(v["top1_agreement"] for g, v in formats.items() if g == f or g.startswith(f + "+"))
+             for f in formats if "+" not in f}
+    agree["fp32"] = 1.0  # the reference (its rows with a bf16 or int8 cache are options, not the default)
     for config, threads in sorted({(r["config"], r.get("thread_setting", "auto")) for r in rows}):
         cands = [r for r in rows if r["config"] == config and r.get("thread_setting", "auto") == threads
                  and r["method"] in OURS and r.get("stem_total_s_est") and agree.get(OURS[r["method"]], 0) >= 0.95]
@@ -830,15 +866,20 @@ METHOD_NOTES = {
                  "steps, CFG batch 2); the other steps feed one column.",
     "ours-bf16": "The same, model built directly in bfloat16 (KV cache dtype as stage_stack.machine chooses for this "
                  "CPU, see runtime.kernels); CFG mixing and sampling in float32.",
-    "ours-int8": "Weight-only int8 block linears (per output channel, aten._weight_int8pack_mm), bf16 activations, "
-                 "embeddings and heads; built on the meta device and quantized one matrix at a time, as load_expert "
-                 "does.",
+    "ours-int8": "int8 block linears (per output channel), bf16 embeddings and heads; built on the meta device and "
+                 "quantized one matrix at a time, as load_expert does. The decode product is this machine's choice "
+                 "(runtime.kernels.int8_decode): aten._weight_int8pack_mm with bf16 activations, or fbgemm's "
+                 "quantized.linear_dynamic with the activations quantized to 8 bits per call.",
+    "ours-int8-weightonly": "ours-int8 with the decode product forced to aten._weight_int8pack_mm (bf16 activations).",
+    "ours-int8-dynamic": "ours-int8 with the decode product forced to fbgemm's quantized.linear_dynamic.",
     "ours-bf16-halfkv": "ours-bf16 with the KV cache in bf16 (generate(kv_dtype=torch.bfloat16)) whatever this "
                         "machine's choice.",
     "ours-int8-halfkv": "ours-int8 with the KV cache in bf16, likewise.",
     "ours-bf16-int8kv": "ours-bf16 with an int8 KV cache (generate(kv_dtype=torch.int8): int8 keys and values, one "
                         "float32 scale per row, head and step).",
     "ours-int8-int8kv": "ours-int8 with an int8 KV cache, likewise.",
+    "ours-fp32-halfkv": "ours-fp32 with the KV cache in bf16, likewise.",
+    "ours-fp32-int8kv": "ours-fp32 with an int8 KV cache, likewise.",
     "ours-int4": "Weight-only int4 block linears (groups of 128, aten._weight_int4pack_mm_for_cpu), otherwise as "
                  "ours-int8.",
     "full-recompute": "generate(use_cache=False): every step re-runs the whole prefix (the upstream way), same fp32 "

@@ -145,7 +145,7 @@ def generate(
     eager on the CPU). `static_cache` keeps every step's shapes fixed (default: on when
     compiling, else as `StageLM.new_cache` chooses: on for a half-precision cache on the CPU);
     `kv_dtype` overrides the cache dtype (default: `default_kv_dtype`: an int8 cache for a big
-    model with quantized weights on the CPU, else as `StageLM.new_cache` chooses).
+    model on the CPU, else as `StageLM.new_cache` chooses).
     `skip_pad_context`: the unconditional rows' cache leaves out their PAD context, which no
     query attends to (exact; a quarter of the cache with equal context and target lengths);
     False keeps it, as upstream does; None (the default) skips it for models of
@@ -165,7 +165,7 @@ def generate(
         if skip_pad_context is None:
             skip_pad_context = n_params >= SMALL_MODEL_PARAMS
         if kv_dtype is None:
-            kv_dtype = default_kv_dtype(lm, n_params)
+            kv_dtype = default_kv_dtype(lm, n_params, mode)
         return _generate(lm, context, n_frames, text_memory=text_memory, prompt=prompt, num_samples=num_samples,
                          params=params, seed=seed, generator=generator, callback=callback, use_cache=use_cache,
                          return_steps=return_steps, mode=mode,
@@ -173,22 +173,25 @@ def generate(
                          skip_pad_context=skip_pad_context, prefill_chunk=prefill_chunk)
 
 
-def default_kv_dtype(lm: StageLM, n_params: int | None = None) -> torch.dtype | None:
-    """torch.int8 for a model of SMALL_MODEL_PARAMS or more with int8/int4 weights on the CPU,
-    else None (`StageLM.new_cache` chooses).
+def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eager") -> torch.dtype | None:
+    """torch.int8 for a model of SMALL_MODEL_PARAMS or more on the CPU, else None
+    (`StageLM.new_cache` chooses). A float model gets it only in eager mode (a compiled step
+    with an int8 cache is not measured); a quantized one in every mode.
 
-    Quantized weights are chosen to fit memory, and there the cache is what is left: at
-    MusicGen-small size (10 s + 10 s) an int8 cache took the int8 row's peak RSS from 836 to
-    786 MB at the same decode rate per CPU-second (benchmarks/README.md, stop 28). Small models keep a float cache: their
-    steps are bound by per-op overhead, and quantizing each step's keys adds ops for no bytes
-    that matter.
+    At MusicGen-small size, 10 s + 10 s, one thread on an AMD EPYC (benchmarks/README.md, stop
+    29), the cache is what takes each format over 1.2 x weights + 300 MB: with an int8 cache the
+    peak RSS fell 1779 -> 1571 MB for fp32 (limit 1760) and 1161 -> 959 for bf16 (limit 1030),
+    decoding 1.12x / 0.98x as fast, with top-1 agreement 1.0 and a guided KL of ~1e-6 against a
+    float32 cache (fp32 weights); for int8 weights 836 -> 786 MB at stop 28. Small models keep a
+    float cache: their steps are bound by per-op overhead, and quantizing each step's keys adds
+    ops for no bytes that matter.
     """
     if lm.final_norm.weight.device.type != "cpu":
         return None
     if (n_params if n_params is not None else weight_count(lm)) < SMALL_MODEL_PARAMS:
         return None
-    quantized = tuple(QUANTIZED.values())
-    return torch.int8 if any(isinstance(m, quantized) for m in lm.modules()) else None
+    quantized = any(isinstance(m, tuple(QUANTIZED.values())) for m in lm.modules())
+    return torch.int8 if quantized or mode == "eager" else None
 
 
 def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,

@@ -7,7 +7,8 @@ so nothing here is fixed once and for all.
 - `cpu_info()`: model name, flags that matter (AMX, AVX512-BF16), torch's capability string.
 - `kernel_choices()`: which way a skinny float32 product runs (W @ x^T or F.linear), which
   kernel runs one query's attention over the cache (SDPA or two products, per cache dtype) and
-  in which dtype a half-precision model keeps its KV cache. Chosen from a quick probe (~0.2 s
+  in which dtype a half-precision model keeps its KV cache, and which product an int8 model's
+  decode step runs (weight-only with bf16 activations, or fbgemm's with 8-bit ones). Chosen from a quick probe (~0.2 s
   of matmuls and attention, `probe_kernels`) whose result is cached per CPU model, torch version and thread
   under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
   forces a fresh probe or flags only.
@@ -205,6 +206,9 @@ class KernelChoices:
     # float32 softmax (stage_lm._attend)
     decode_attention_fp32: Literal["sdpa", "matmul"]
     decode_attention_half: Literal["sdpa", "matmul"]
+    # int8 block linears in a decode step (models.quant.Int8Linear): aten's weight-only kernel,
+    # or fbgemm's with the activations quantized too
+    int8_decode: Literal["weight_only", "dynamic"]
     source: str  # "probe", "cache" or "flags"
     probe_ms: dict | None = None
 
@@ -218,7 +222,7 @@ class KernelChoices:
 HALF_KV_SLOWDOWN = 1.25
 PROBE_LAYERS = 6
 # Part of the cache key: a changed probe measures again instead of trusting an older one's choice.
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 
 
 def _time_ms(fn, repeats: int = 8) -> float:
@@ -233,8 +237,8 @@ def _time_ms(fn, repeats: int = 8) -> float:
 
 def probe_kernels() -> KernelChoices:
     """Time the alternatives on decode-shaped work (a 2-row 1024 -> 4096 product over six
-    layers' weights; one query over a 1024-slot cache, 16 heads of 64, in six layers' buffers):
-    ~1 s and ~150 MB, once per machine.
+    layers' weights, in float32 and in int8; one query over a 1024-slot cache, 16 heads of 64, in
+    six layers' buffers): ~1-2 s and ~150 MB, once per machine.
 
     On one thread (several threads on busy cores time the spin-waits, not the kernels). An
     alternative must win by 10 % to replace the default (F.linear; SDPA), so a noisy probe keeps
@@ -271,6 +275,7 @@ def _probe() -> KernelChoices:
         "fp32_w_xt": _time_ms(lambda: [(w @ x.t()).t().contiguous() for w in weights]) / PROBE_LAYERS,
     }
     del weights
+    ms.update(_probe_int8(gen, x))
     # One query over a cache as decoding reads it: a float32 cache is dynamic (a view of the
     # written 768 of 1024 slots), a half-precision one static (every slot; StageLM.new_cache).
     # Over six layers' buffers (~100 MB in float32), so that they come from memory as in a real
@@ -305,16 +310,49 @@ def _probe() -> KernelChoices:
     return KernelChoices(
         skinny_fp32_linear="w_xt" if ms["fp32_w_xt"] < 0.9 * ms["fp32_linear"] else "linear",
         half_kv_cache="float32" if best["bf16"] > HALF_KV_SLOWDOWN * best["fp32"] else "model",
-        decode_attention_fp32=fp32, decode_attention_half=half, source="probe", probe_ms=ms)
+        decode_attention_fp32=fp32, decode_attention_half=half,
+        int8_decode="dynamic" if ms.get("int8_dynamic", float("inf")) < 0.9 * ms["int8_weight_only"] else "weight_only",
+        source="probe", probe_ms=ms)
+
+
+# int8 matrices the probe streams: 24 x 4 MB, more than the last-level cache of the CPUs seen
+# (with six, 25 MB, the int8 products could run from an AMD EPYC's 32 MB L3).
+PROBE_INT8_MATRICES = 24
+
+
+def _probe_int8(gen: torch.Generator, x: torch.Tensor) -> dict:
+    """ms per 2-row 1024 -> 4096 int8 product: aten's weight-only kernel (bf16 activations) and,
+    where this torch has it, fbgemm's with 8-bit activations (models.quant)."""
+    from .models.quant import dynamic_int8_available, linear_dynamic, pack_dynamic
+
+    qs = [torch.randint(-127, 128, (4096, 1024), dtype=torch.int8, generator=gen) for _ in range(PROBE_INT8_MATRICES)]
+    scale = torch.full((4096,), 1e-3)
+    xb, scale_b = x.to(torch.bfloat16), scale.to(torch.bfloat16)
+    ms = {"int8_weight_only": _time_ms(lambda: [torch.ops.aten._weight_int8pack_mm(xb, q, scale_b) for q in qs],
+                                       repeats=4) / len(qs)}
+    if dynamic_int8_available():
+        try:
+            packed = [pack_dynamic(qs.pop(), scale) for _ in range(len(qs))]
+            ms["int8_dynamic"] = _time_ms(lambda: [linear_dynamic(x, p) for p in packed], repeats=4) / len(packed)
+        except RuntimeError:
+            pass  # listed but not usable here: the weight-only kernel
+    return ms
 
 
 def choices_from_flags() -> KernelChoices:
     """Without a probe: AMX machines run SDPA and F.linear well; others run skinny float32
-    products as W @ x^T and one-query attention as two products (benchmarks/README.md)."""
-    amx = "amx_bf16" in cpu_flags()
+    products as W @ x^T and one-query attention as two products; CPUs with int8 dot products
+    (VNNI, AMX-INT8) run int8 decode steps on fbgemm's kernel (benchmarks/README.md)."""
+    from .models.quant import dynamic_int8_available
+
+    flags = cpu_flags()
+    amx = "amx_bf16" in flags
+    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
     return KernelChoices(skinny_fp32_linear="linear" if amx else "w_xt", half_kv_cache="model",
                          decode_attention_fp32="sdpa" if amx else "matmul",
-                         decode_attention_half="sdpa" if amx else "matmul", source="flags")
+                         decode_attention_half="sdpa" if amx else "matmul",
+                         int8_decode="dynamic" if vnni and dynamic_int8_available() else "weight_only",
+                         source="flags")
 
 
 @lru_cache(maxsize=8)

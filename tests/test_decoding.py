@@ -19,6 +19,7 @@ from stage_stack.errors import DeviceError
 from stage_stack.expert import load_expert, resolve_format, save_expert
 from stage_stack.generation import Sampler, SamplingParams, cfg_row_groups, generate, sample_next
 from stage_stack.layout import TokenLayout
+from stage_stack.models import quant
 from stage_stack.models.quant import Int4Linear, Int8Linear, quantize_
 from stage_stack.models import stage_lm
 from stage_stack.models.stage_lm import (KVCache, RowGroup, StageLM, StageLMConfig, init_weights, matmul_attention,
@@ -325,6 +326,34 @@ def test_int8_prefill_gemm_equals_the_int8_kernel():
     assert (many - few).abs().max() <= 0.02 * few.abs().max()
 
 
+@pytest.mark.skipif(not quant.dynamic_int8_available(), reason="this torch has no fbgemm int8 linear")
+def test_int8_dynamic_kernel_agrees_with_weight_only_and_saves_the_same_state():
+    g = torch.Generator().manual_seed(2)
+    n = 1024  # DYNAMIC_MIN_WEIGHTS: smaller matrices keep the weight-only kernel
+    w = torch.randn(n, n, generator=g) / 32
+    modules = {k: Int8Linear(n, n, kernel=k) for k in ("weight_only", "dynamic")}
+    for m in modules.values():
+        m.set_weight(w)
+    dyn, wo = modules["dynamic"], modules["weight_only"]
+    assert dyn._packed is not None and dyn.weight.numel() == 0  # one copy: the packed one
+    assert "dynamic" in repr(dyn) and "weight-only" in repr(wo)
+    assert dyn.state_dict().keys() == wo.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(dyn.state_dict().values(), wo.state_dict().values()))
+    x = torch.randn(2, n, generator=g)
+    want = x @ w.t()
+    rel = lambda y: ((y.float() - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(wo(x)) < 0.02
+    assert 0 < rel(dyn(x)) < 0.06  # 8-bit activations: a few times the weight-only error, not more
+    # a prefill: rows of very different sizes, each quantized with its own scale
+    many = torch.randn(4 * Int8Linear.GEMM_ROWS, n, generator=g) * torch.logspace(-2, 2, 4 * Int8Linear.GEMM_ROWS)[:, None]
+    want = many @ w.t()
+    per_row = ((dyn(many).float() - want).norm(dim=1) / want.norm(dim=1)).max()
+    assert per_row < 0.06, per_row  # one scale per call would leave the small rows to rounding noise
+    small = Int8Linear(64, 48, kernel="dynamic")
+    small.set_weight(torch.randn(48, 64, generator=g))
+    assert small._packed is None  # below DYNAMIC_MIN_WEIGHTS
+
+
 def test_quantize_in_place_matches_loading_quantized(tmp_path):
     cfg = StageLMConfig(dim=64, n_layers=1, n_heads=2, ffn_dim=128, card=32, n_q=2, cross_attention=False)
     path = make_tiny_expert(tmp_path / "e.safetensors", lm_config=cfg)
@@ -442,8 +471,8 @@ def test_int8_kv_cache_holds_half_a_bf16_cache_and_reads_back_each_step():
 
 
 @pytest.mark.parametrize("small_below, fmt, want", [(1, "int8", torch.int8), (1, "int4", torch.int8),
-                                                    (1, None, None), (10**9, "int8", None)])
-def test_the_int8_cache_is_the_default_only_for_big_quantized_models(small_below, fmt, want, monkeypatch):
+                                                    (1, None, torch.int8), (10**9, "int8", None), (10**9, None, None)])
+def test_the_int8_cache_is_the_default_only_for_big_models(small_below, fmt, want, monkeypatch):
     import stage_stack.generation as generation
 
     lm = sharp_lm()
@@ -451,6 +480,8 @@ def test_the_int8_cache_is_the_default_only_for_big_quantized_models(small_below
         quantize_(lm, fmt)
     monkeypatch.setattr(generation, "SMALL_MODEL_PARAMS", small_below)  # lm is "small" or "big"
     assert generation.default_kv_dtype(lm) == want
+    # a compiled float step keeps the float cache (int8 with compile is not measured)
+    assert generation.default_kv_dtype(lm, mode="compile") == (want if fmt is not None else None)
     caches = _caches_made(lm, monkeypatch)
     generate(lm, context(), 3, params=GREEDY)
     assert caches[0].quantized == (want == torch.int8)
@@ -563,17 +594,21 @@ def test_decode_attention_kernels_give_the_same_tokens(monkeypatch, kv_dtype):
 
 
 def test_probe_keeps_a_half_precision_cache_unless_much_slower(monkeypatch):
-    times = {"fp32_linear": 1.0, "fp32_w_xt": 1.0, "attn_fp32": 1.0, "attn_fp32_matmul": 0.5,
-             "attn_bf16": 5.0, "attn_bf16_matmul": 0.6}
+    monkeypatch.setattr(quant, "dynamic_int8_available", lambda: True)
+    # in the order _probe times them; each int8 time is per matrix (the probe divides a pass by 24)
+    times = {"fp32_linear": 1.0, "fp32_w_xt": 1.0, "int8_weight_only": 24.0, "int8_dynamic": 12.0,
+             "attn_fp32": 1.0, "attn_fp32_matmul": 0.5, "attn_bf16": 5.0, "attn_bf16_matmul": 0.6}
     monkeypatch.setattr(machine, "_time_ms", lambda fn, repeats=8: times[next(order)])
     order = iter(times)
     choices = machine._probe()
     # bf16 via two products is 1.2x the float32 best: under HALF_KV_SLOWDOWN, so the cache stays bf16
     assert (choices.decode_attention_fp32, choices.decode_attention_half, choices.half_kv_cache) == (
         "matmul", "matmul", "model")
-    times.update(attn_bf16_matmul=0.9)  # 1.8x
+    assert choices.int8_decode == "dynamic" and choices.probe_ms["int8_dynamic"] == 0.5
+    times.update(attn_bf16_matmul=0.9, int8_dynamic=23.0)  # 1.8x; int8 kernels within 10 %
     order = iter(times)
-    assert machine._probe().half_kv_cache == "float32"
+    again = machine._probe()
+    assert again.half_kv_cache == "float32" and again.int8_decode == "weight_only"
 
 
 def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):
@@ -582,7 +617,8 @@ def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):
     machine._kernel_choices.cache_clear()
     first = machine.kernel_choices()
     assert first.source == "probe" and set(first.probe_ms) >= {"fp32_linear", "fp32_w_xt", "attn_fp32", "attn_bf16",
-                                                           "attn_fp32_matmul", "attn_bf16_matmul"}
+                                                           "attn_fp32_matmul", "attn_bf16_matmul", "int8_weight_only"}
+    assert first.int8_decode in ("weight_only", "dynamic")
     stored = json.loads((tmp_path / "kernels.json").read_text())
     assert machine.cpu_model() in next(iter(stored))
     machine._kernel_choices.cache_clear()

@@ -9,12 +9,20 @@ the sampler run in float32 as for every format (stage_stack.generation).
 
 The products are torch's CPU kernels: `aten._weight_int8pack_mm(x, q, scale)` and
 `aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_and_zero)` with the weight packed by
-`aten._convert_weight_to_int4pack_for_cpu`. Quantization happens at load time from the float
+`aten._convert_weight_to_int4pack_for_cpu`. On a CPU with int8 dot products (VNNI), an int8
+decode step may instead quantize its few activation rows too and run fbgemm's packed int8 GEMM
+(`quantized.linear_dynamic`): at MusicGen-small size on an AMD EPYC it streamed the weights
+~1.8x faster than `_weight_int8pack_mm` (benchmarks/README.md, "CPU kernel notes"), for a
+larger error (activations in 8 bits, one scale per call). Which of the two runs is a
+per-machine choice (stage_stack.machine, `int8_decode`). Quantization happens at load time from the float
 weights of an expert file (stage_stack.expert), one matrix at a time, so a float copy of the
 whole model never exists.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,42 +34,124 @@ def int4_group_size(in_features: int) -> int | None:
     return next((g for g in INT4_GROUPS if in_features % g == 0), None)
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T with int8 q [out, in] and a scale per output channel."""
+Int8Kernel = Literal["weight_only", "dynamic"]
 
-    def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16, device=None) -> None:
+
+def dynamic_int8_available() -> bool:
+    """Whether this torch has fbgemm's packed int8 linear (deprecated upstream; may go)."""
+    try:
+        return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized,
+                                                                                  "linear_dynamic")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_dynamic(q: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of int8 q [out, in] with a float scale per output channel."""
+    with warnings.catch_warnings():  # the quantized-tensor API warns that it is deprecated
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def unpack_dynamic(packed) -> torch.Tensor:
+    """The int8 matrix back from `pack_dynamic`'s form."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
+
+
+def linear_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
+    """float32 x [rows, in] @ W^T with x quantized to 8 bits on the fly (one scale per call)."""
+    return torch.ops.quantized.linear_dynamic(x, packed)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T with int8 q [out, in] and a scale per output channel.
+
+    `kernel` picks the decode product: "weight_only" (bf16 activations) or "dynamic" (8-bit
+    activations, fbgemm; only for matrices of DYNAMIC_MIN_WEIGHTS or more, on the CPU). None:
+    this machine's choice (stage_stack.machine) when the weight is set. A "dynamic" module keeps
+    its matrix only in fbgemm's packed form (one copy in memory); `state_dict()` unpacks it, so
+    the saved state is the same under both kernels.
+    """
+
+    # At 256 x 256 the dynamic kernel's casts cost more than it saves (22 against 16 us per 2-row
+    # product on an AMD EPYC); from 256 x 1024 the two are even and at 1024 x 4096 it is 4.8x
+    # faster: the demo experts' matrices stay on the weight-only kernel.
+    DYNAMIC_MIN_WEIGHTS = 1 << 20
+
+    def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16, device=None,
+                 kernel: Int8Kernel | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self._packed = None
 
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
         w = w.to(device=self.weight.device, dtype=torch.float32, copy=True)  # ours: the math below is in place
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.weight = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.scales = scale.to(self.scales.dtype)
+        self._packed = None
+        if self._use_dynamic(q.device):
+            self._packed = pack_dynamic(q, scale)
+            del q
+            self.weight = torch.empty(0, dtype=torch.int8)  # the packed copy is the weight
+        else:
+            self.weight = q
+
+    def _use_dynamic(self, device: torch.device) -> bool:
+        if device.type != "cpu" or self.in_features * self.out_features < self.DYNAMIC_MIN_WEIGHTS:
+            return False
+        kernel = self.kernel
+        if kernel is None:
+            from ..machine import kernel_choices
+
+            kernel = kernel_choices().int8_decode
+        return kernel == "dynamic" and dynamic_int8_available()
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 matrix [out, in] (unpacked from fbgemm's form for a "dynamic" module)."""
+        return self.weight if self._packed is None else unpack_dynamic(self._packed)
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.int8_weight().float() * self.scales.float()[:, None]
 
-    # Above this many rows (a prefill) a dequantized bf16 GEMM is ~2x faster than the int8 kernel,
-    # which is built for the few rows of a decode step; the temporary is one matrix.
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:
+            destination[prefix + "weight"] = self.int8_weight()
+
+    # Above this many rows (a prefill) a dequantized bf16 GEMM is ~2x faster than the weight-only
+    # kernel, which is built for the few rows of a decode step; the temporary is one matrix.
     GEMM_ROWS = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if flat.shape[0] > self.GEMM_ROWS:
+        flat = x.reshape(-1, self.in_features)
+        dtype = self.scales.dtype
+        if self._packed is not None:
+            # fbgemm quantizes its input with one scale per call. Scaling each row to a peak of 1
+            # first (and the product back) makes that one scale per row: over a ~1000-row prefill
+            # the relative error fell from 7 % to 2.9 % (2.9 % on 2 rows; weight-only: 0.8 %).
+            # Prefills run here too: unpacking the matrix for a bf16 GEMM cost 40 ms per matrix.
+            flat = flat.float()
+            peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+            y = linear_dynamic((flat / peak).contiguous(), self._packed).mul_(peak).to(dtype)
+        elif flat.shape[0] > self.GEMM_ROWS:
             # The scales are per output channel, so they apply to the product: one bf16 copy of q
             # (exact: |q| <= 127) instead of two temporaries, which left ~50-100 MB of freed heap
             # resident after an int8 prefill at MusicGen-small size (benchmarks/README.md).
-            y = torch.nn.functional.linear(flat, self.weight.to(self.scales.dtype)).mul_(self.scales)
-            return y.view(*x.shape[:-1], self.out_features)
-        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales)
+            y = torch.nn.functional.linear(flat.to(dtype), self.weight.to(dtype)).mul_(self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(dtype).contiguous(), self.weight, self.scales)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+        kernel = "dynamic" if self._packed is not None else "weight-only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel, {kernel}"
 
 
 class Int4Linear(nn.Module):
@@ -109,6 +199,15 @@ def weight_count(module: nn.Module) -> int:
     """
     quantized = [m for m in module.modules() if isinstance(m, tuple(QUANTIZED.values()))]
     return sum(p.numel() for p in module.parameters()) + sum(m.in_features * m.out_features for m in quantized)
+
+
+def named_weight_bytes(module: nn.Module) -> list[tuple[str, int]]:
+    """(name, bytes) of every parameter and buffer of `module`, with each packed int8 matrix (a
+    "dynamic" Int8Linear's, which is neither) counted as its int8 bytes under `<name>.weight`."""
+    out = [(n, t.numel() * t.element_size()) for n, t in (*module.named_parameters(), *module.named_buffers())]
+    out += [(f"{n}.weight" if n else "weight", m.in_features * m.out_features) for n, m in module.named_modules()
+            if isinstance(m, Int8Linear) and m._packed is not None]
+    return out
 
 
 def quantizable(name: str) -> bool:
