@@ -13,10 +13,10 @@ so nothing here is fixed once and for all.
   under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
   forces a fresh probe or flags only.
 - `auto_weight_format()`: the weight format `dtype="auto"` loads an LM in on a device: bf16 on
-  a GPU, int8 on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX: int8 weight-only
-  decodes with bf16 activations, >= 96.9 % top-1 agreement with fp32; at MusicGen-small size on
-  an idle AMD EPYC, 1.61x bf16 on one thread and 1.31x on two, in wall time; 2.5x fp32 on an
-  Intel Xeon with AMX), else fp32.
+  a GPU, int8 on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX; the parts of an
+  int8 model that stay unquantized are bf16), else fp32. At MusicGen-small size on an idle AMD
+  EPYC, int8 decodes 2.0-2.3x bf16 on one thread with fbgemm's product (>= 95 % top-1
+  agreement with fp32); 2.5x fp32 on an Intel Xeon with AMX in the issue's measurement.
 - `decode_threads()`: the thread count for decoding. Two OpenMP threads on two busy cores
   spin-wait on each other (a step was 4.7x slower than with one thread), and a small expert is
   bound by per-op overhead that more threads only add to, so the count is chosen at run time
