@@ -10,13 +10,12 @@ the sampler run in float32 as for every format (stage_stack.generation).
 The products are torch's CPU kernels: `aten._weight_int8pack_mm(x, q, scale)` and
 `aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_and_zero)` with the weight packed by
 `aten._convert_weight_to_int4pack_for_cpu`. On a CPU with int8 dot products (VNNI), an int8
-decode step may instead quantize its few activation rows too and run fbgemm's packed int8 GEMM
-(`quantized.linear_dynamic`): at MusicGen-small size on an AMD EPYC it streamed the weights
-~1.8x faster than `_weight_int8pack_mm` (benchmarks/README.md, "CPU kernel notes"), for a
-larger error (activations in 8 bits, one scale per call). Which of the two runs is a
-per-machine choice (stage_stack.machine, `int8_decode`). Quantization happens at load time from the float
-weights of an expert file (stage_stack.expert), one matrix at a time, so a float copy of the
-whole model never exists.
+model may instead quantize its activations too, one scale per row, and run fbgemm's packed int8
+GEMM (`quantized.linear_dynamic`): at MusicGen-small size on an AMD EPYC that decoded 1.6-2.2x
+as fast as `_weight_int8pack_mm` on one thread, for a larger error (benchmarks/README.md, "int8
+decode on fbgemm's kernel"). Which of the two runs is a per-machine choice (stage_stack.machine,
+`int8_decode`). Quantization happens at load time from the float weights of an expert file
+(stage_stack.expert), one matrix at a time, so a float copy of the whole model never exists.
 """
 
 from __future__ import annotations
