@@ -11,7 +11,7 @@ The products are torch's CPU kernels: `aten._weight_int8pack_mm(x, q, scale)` an
 `aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_and_zero)` with the weight packed by
 `aten._convert_weight_to_int4pack_for_cpu`. On a CPU with int8 dot products (VNNI), an int8
 model may instead quantize its activations too, one scale per row, and run fbgemm's packed int8
-GEMM (`quantized.linear_dynamic`): at MusicGen-small size on an AMD EPYC that decoded 1.6-2.2x
+GEMM (`quantized.linear_dynamic`): at MusicGen-small size on an AMD EPYC that decoded 1.45-2.2x
 as fast as `_weight_int8pack_mm` on one thread, for a larger error (benchmarks/README.md, "int8
 decode on fbgemm's kernel"). Which of the two runs is a per-machine choice (stage_stack.machine,
 `int8_decode`). Quantization happens at load time from the float weights of an expert file
