@@ -16,12 +16,16 @@ import torch
 from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
 from .machine import SMALL_MODEL_PARAMS, decode_threads
-from .models.quant import QUANTIZED, weight_count
+from .models.quant import QUANTIZED, release_freed_memory, weight_count
 from .models.stage_lm import RowGroup, StageLM
 
 # Prefill steps per forward pass. Set from the prefill's time and peak memory at MusicGen-small
 # size (benchmarks/README.md, "A chunked prefill").
 PREFILL_CHUNK = 128
+# A big quantized model's: at MusicGen-small size its steady state (imports, 321 MB of int8
+# weights, the int8 cache) sits ~27 MB under its RSS limit, and one 128-step chunk's freed
+# temporaries took the peak 65-80 MB past it (benchmarks/README.md, "The int8 prefill's peak").
+QUANTIZED_PREFILL_CHUNK = 32
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps total)
 
@@ -130,7 +134,7 @@ def generate(
     static_cache: bool | None = None,
     kv_dtype: torch.dtype | None = None,
     skip_pad_context: bool | None = None,
-    prefill_chunk: int | None = PREFILL_CHUNK,
+    prefill_chunk: int | None | Literal["auto"] = "auto",
 ):
     """Generate `n_frames` target frames for each context: returns codes [B * num_samples, K, n_frames].
 
@@ -152,9 +156,11 @@ def generate(
     SMALL_MODEL_PARAMS and more, where the cache's bytes count, and keeps it below, where a
     second row group's attention calls cost more than the bytes they save (the demo experts'
     generation ~9 % faster with one group; benchmarks/README.md). `prefill_chunk`: the prompt
-    is run through the cache this many steps at a time (None: in one pass; the same logits up to float rounding), so
-    that its activations do not grow with the context. The thread count is chosen per call
-    (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
+    is run through the cache this many steps at a time (None: in one pass; the same logits up
+    to float rounding), so that its activations do not grow with the context; "auto" (the
+    default) is `default_prefill_chunk`. On the CPU a big model's freed heap is given back to
+    the OS between chunks (glibc would keep each chunk's temporaries resident). The thread
+    count is chosen per call (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
     """
     device = lm.final_norm.weight.device
     n_params = weight_count(lm)
@@ -166,11 +172,31 @@ def generate(
             skip_pad_context = n_params >= SMALL_MODEL_PARAMS
         if kv_dtype is None:
             kv_dtype = default_kv_dtype(lm, n_params, mode)
+        if prefill_chunk == "auto":
+            prefill_chunk = default_prefill_chunk(lm, n_params)
+        trim = device.type == "cpu" and n_params >= SMALL_MODEL_PARAMS
         return _generate(lm, context, n_frames, text_memory=text_memory, prompt=prompt, num_samples=num_samples,
                          params=params, seed=seed, generator=generator, callback=callback, use_cache=use_cache,
                          return_steps=return_steps, mode=mode,
                          static=True if mode != "eager" else static_cache, kv_dtype=kv_dtype,
-                         skip_pad_context=skip_pad_context, prefill_chunk=prefill_chunk)
+                         skip_pad_context=skip_pad_context, prefill_chunk=prefill_chunk, trim=trim)
+
+
+def default_prefill_chunk(lm: StageLM, n_params: int | None = None) -> int:
+    """QUANTIZED_PREFILL_CHUNK for a model of SMALL_MODEL_PARAMS or more with int8/int4
+    linears, else PREFILL_CHUNK (a small model's steps are bound by per-op overhead, so more
+    chunks would cost time for no bytes that matter).
+
+    At MusicGen-small size, 10 s + 10 s, on idle cores of an AMD EPYC (benchmarks/README.md,
+    stop 30), the int8 row's peak RSS fell from 750 / 763 MB (1 / 2 threads, chunks of 128) to
+    677 / 682 with chunks of 32 and the heap trimmed between chunks (limit 685), for a prefill
+    1.17x / 1.32x as long (+0.4-0.5 s of a ~20 s stem). Float models keep 128: their limits
+    leave room, and stop 25 measured a fifth more prefill time for 19 MB at 32.
+    """
+    if (n_params if n_params is not None else weight_count(lm)) < SMALL_MODEL_PARAMS:
+        return PREFILL_CHUNK
+    quantized = any(isinstance(m, tuple(QUANTIZED.values())) for m in lm.modules())
+    return QUANTIZED_PREFILL_CHUNK if quantized else PREFILL_CHUNK
 
 
 def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eager") -> torch.dtype | None:
@@ -195,7 +221,7 @@ def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eage
 
 
 def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,
-              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context, prefill_chunk):
+              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context, prefill_chunk, trim=False):
     layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
@@ -252,6 +278,8 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
         # The prefill, in chunks: its activations then scale with the chunk, not the context.
         for lo in range(start, offset, prefill_chunk):
             hi = min(offset, lo + prefill_chunk)
+            if trim and lo > start:
+                release_freed_memory()  # the last chunk's temporaries: ~30 MB at MusicGen-small size
             if static:  # eager, advanced here
                 out = lm(seq[..., lo:hi], mask, memory, memory_mask, cache=cache,
                          positions=positions[:, lo:hi], last_only=True)

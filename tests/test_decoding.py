@@ -487,6 +487,38 @@ def test_the_int8_cache_is_the_default_only_for_big_models(small_below, fmt, wan
     assert caches[0].quantized == (want == torch.int8)
 
 
+@pytest.mark.parametrize("small_below, fmt, chunk", [(1, "int8", 32), (1, "int4", 32), (1, None, 128),
+                                                     (10**9, "int8", 128), (10**9, None, 128)])
+def test_a_big_quantized_model_prefills_in_small_chunks_and_trims_the_heap_between_them(small_below, fmt, chunk,
+                                                                                          monkeypatch):
+    import stage_stack.generation as generation
+
+    lm = sharp_lm()
+    if fmt is not None:
+        quantize_(lm, fmt)
+    monkeypatch.setattr(generation, "SMALL_MODEL_PARAMS", small_below)  # lm is "small" or "big"
+    assert generation.default_prefill_chunk(lm) == chunk
+    assert generation.QUANTIZED_PREFILL_CHUNK == 32 and generation.PREFILL_CHUNK == 128
+    trims, chunks = [], []
+    monkeypatch.setattr(generation, "release_freed_memory", lambda: trims.append(len(chunks)))
+    forward = type(lm).forward
+
+    def spy(self, codes, *args, **kwargs):
+        chunks.append(codes.shape[-1])
+        return forward(self, codes, *args, **kwargs)
+
+    monkeypatch.setattr(type(lm), "forward", spy)
+    monkeypatch.setattr(generation, "QUANTIZED_PREFILL_CHUNK", 4)  # a 9-step prefix: chunks of 4, 4, 1
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    auto = generate(lm, context(), 3, params=GREEDY)
+    prefill = [n for n in chunks if n > 1]
+    assert prefill == [4, 4]  # and a last chunk of one step
+    # only a big model on the CPU gives the heap back, before every chunk but the first
+    assert trims == ([1, 2] if small_below == 1 else [])
+    monkeypatch.setattr(type(lm), "forward", forward)
+    assert torch.equal(auto, generate(lm, context(), 3, params=GREEDY, prefill_chunk=None))
+
+
 # -- sampler and per-machine choices -----------------------------------------------------------
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=3, temperature=0.7),
