@@ -1,8 +1,9 @@
 """Does a pitched expert play its song's pitches, and can it go on playing them?
 
 `quality.py` scores chord tones; this script separates why a pitched expert misses them. On
-quality.py's held-out songs (same seeds, same context: the stems the expert was trained to hear,
-else every other stem; same sampling), through the public Arranger:
+held-out songs made as quality.py makes them (seeds SEED_BASE + i, tempos spread over 80-160 BPM
+for the N songs asked; the context is the stems the expert was trained to hear, else every other
+stem; quality.py's sampling), through the public Arranger:
 
   key following   cosine between the generated stem's pitch-class profile (mean chroma) and the
                   song's real stem's, minus its mean cosine with the other songs' real stems.
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("expert", type=Path, help="a bass or keys expert file")
-    parser.add_argument("--songs", type=int, default=10, help="held-out songs (quality.py's first N; default 10)")
+    parser.add_argument("--songs", type=int, default=10, help="held-out songs (default 10)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per song (default 10)")
     parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="song i has seed SEED_BASE + i")
     parser.add_argument("--shift", type=int, default=3, help="semitones the context is shifted by (default 3)")
