@@ -37,19 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, write_json  # noqa: E402
 
 from stage_stack.arranger import Arranger, Layer  # noqa: E402
-from stage_stack.evaluation import (EVAL_SEED_BASE, NOTE_ANALYSIS, STEMS, held_out_songs,  # noqa: E402
-                                   stem_chord_tones, stems_context)
+from stage_stack.evaluation import (EVAL_SEED_BASE, NOTE_ANALYSIS, STEMS, _librosa,  # noqa: E402
+                                   held_out_songs, stem_chord_tones, stems_context)
 from stage_stack.expert import load_expert  # noqa: E402
 from stage_stack.generation import SamplingParams, generate  # noqa: E402
 from stage_stack.longform import expert_window_seconds  # noqa: E402
+from stage_stack.pipeline import _encode  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _librosa():
-    import librosa
-
-    return librosa
 
 
 def profile(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -85,9 +80,8 @@ def continuation(expert, song, context: np.ndarray, instrument: str, prompt_seco
     generator = torch.Generator().manual_seed(song.metadata.seed)
     for start in range(0, real.shape[-1] - window + 1, window):
         span = slice(start * hop, (start + window) * hop)
-        ctx = torch.from_numpy(np.ascontiguousarray(context[span]))[None, None]
         with torch.inference_mode():
-            ctx_codes = expert.context_encoder.encode(ctx)
+            ctx_codes = _encode(expert, context[span])
             out = generate(expert.lm, ctx_codes, window, prompt=real[..., start:start + prompt], params=params,
                            generator=generator)
             ours = expert.codec.decode(out)[0, 0].float().numpy()
@@ -148,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         played = play(context[:n], song.metadata.seed)
         shifted = play(pitch_shift(context[:n], sr, args.shift), song.metadata.seed)
         ours, coded = continuation(expert, song, context[:n], instrument, args.prompt, params)
+        generated, after_shift = profile(played, sr), profile(shifted, sr)
         rows.append({"seed": song.metadata.seed, "key": song.metadata.key, "heard": heard,
-                     "generated": profile(played, sr), "shifted": profile(shifted, sr),
+                     "generated": generated, "shifted": after_shift,
                      "real": profile(song.stems[instrument][:n], sr),
-                     "rotation": None, "continuation": ours, "continuation_real_coded": coded})
-        rows[-1]["rotation"] = best_rotation(rows[-1]["generated"], rows[-1]["shifted"])
+                     "rotation": best_rotation(generated, after_shift), "continuation": ours,
+                     "continuation_real_coded": coded})
         print(f"  song {i + 1}/{len(songs)} ({song.metadata.key}): turned by {rows[-1]['rotation']}, "
               f"continuation {ours:.2f} (real codes {coded:.2f})", file=sys.stderr, flush=True)
 

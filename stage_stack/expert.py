@@ -321,9 +321,9 @@ def save_expert(
 ) -> Path:
     """Write an expert file atomically. `codec` is required when metadata.codec.embedded, and
     `context_codec` when metadata.context_codec_config is set."""
-    from .models.quant import QUANTIZED
+    from .models.quant import is_quantized
 
-    if any(isinstance(m, tuple(QUANTIZED.values())) for m in lm.modules()):
+    if is_quantized(lm):
         raise ValueError("this LM was loaded as int8/int4 (quantized at load time); save the float LM it came "
                          "from instead (load the expert with dtype='fp32' or 'bf16')")
     tensors = {f"lm.{k}": v for k, v in lm.state_dict().items()}

@@ -16,7 +16,7 @@ import torch
 from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
 from .machine import SMALL_MODEL_PARAMS, decode_threads
-from .models.quant import QUANTIZED, release_freed_memory, weight_count
+from .models.quant import is_quantized, release_freed_memory, weight_count
 from .models.stage_lm import RowGroup, StageLM
 
 # Prefill steps per forward pass. Set from the prefill's time and peak memory at MusicGen-small
@@ -195,8 +195,7 @@ def default_prefill_chunk(lm: StageLM, n_params: int | None = None) -> int:
     """
     if (n_params if n_params is not None else weight_count(lm)) < SMALL_MODEL_PARAMS:
         return PREFILL_CHUNK
-    quantized = any(isinstance(m, tuple(QUANTIZED.values())) for m in lm.modules())
-    return QUANTIZED_PREFILL_CHUNK if quantized else PREFILL_CHUNK
+    return QUANTIZED_PREFILL_CHUNK if is_quantized(lm) else PREFILL_CHUNK
 
 
 def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eager") -> torch.dtype | None:
@@ -216,12 +215,11 @@ def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eage
         return None
     if (n_params if n_params is not None else weight_count(lm)) < SMALL_MODEL_PARAMS:
         return None
-    quantized = any(isinstance(m, tuple(QUANTIZED.values())) for m in lm.modules())
-    return torch.int8 if quantized or mode == "eager" else None
+    return torch.int8 if mode == "eager" or is_quantized(lm) else None
 
 
 def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,
-              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context, prefill_chunk, trim=False):
+              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context, prefill_chunk, trim):
     layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device

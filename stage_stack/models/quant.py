@@ -190,6 +190,11 @@ class Int4Linear(nn.Module):
 QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear}
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether any linear of `module` was quantized (int8 or int4)."""
+    return any(isinstance(m, tuple(QUANTIZED.values())) for m in module.modules())
+
+
 def weight_count(module: nn.Module) -> int:
     """Parameters of `module`, counting each quantized linear's matrix as its float one would be.
 
