@@ -18,6 +18,12 @@ stem; quality.py's sampling), through the public Arranger:
                   chord tones of what it plays after the prompt, beside the real stem's own codes
                   over the same spans. Low: the expert cannot go on playing a real part, with
                   the answer in its prompt, so listening is not what it misses.
+  chords named    an expert with a chord stream (`chord_classes`): the share of frames whose
+                  generated chord token is the song's chord (and its root), over the context
+                  and over the context shifted +SHIFT (against the song's chords moved by
+                  SHIFT); chance is ~1/48 (1/12 for the root). And "over its song's chords":
+                  the chord stream given the song's real chords (generate(given=)), the audio
+                  sampled: chord tones of what it plays when naming the chord is not its job.
 
     python benchmarks/pitch_following.py instruments/weights/keys.safetensors
     python benchmarks/pitch_following.py instruments/weights/bass.safetensors --songs 10
@@ -42,7 +48,11 @@ from stage_stack.evaluation import (EVAL_SEED_BASE, NOTE_ANALYSIS, STEMS, _libro
 from stage_stack.expert import load_expert  # noqa: E402
 from stage_stack.generation import SamplingParams, generate  # noqa: E402
 from stage_stack.longform import expert_window_seconds  # noqa: E402
-from stage_stack.pipeline import _encode  # noqa: E402
+from stage_stack.chords import NO_CHORD, transpose  # noqa: E402
+from stage_stack.layout import audio_codes, with_chord_row  # noqa: E402
+from stage_stack.pipeline import _encode, render_stem  # noqa: E402
+from stage_stack.training.data import augment  # noqa: E402
+from stage_stack.training.token_cache import chord_class_frames  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,8 +70,9 @@ def best_rotation(before: np.ndarray, after: np.ndarray) -> int:
 
 
 def pitch_shift(audio: np.ndarray, sample_rate: int, semitones: int) -> np.ndarray:
-    return _librosa().effects.pitch_shift(np.asarray(audio, dtype=np.float32), sr=sample_rate,
-                                          n_steps=semitones).astype(np.float32)
+    """Training's own pitch shift (Rubber Band, `training.data.augment`): the shifted context
+    sounds as the pitch-shifted variants the experts were trained on did (stop 30 used librosa's)."""
+    return augment(np.asarray(audio, dtype=np.float32)[None], sample_rate, pitch=semitones)[0, : audio.size]
 
 
 def continuation(expert, song, context: np.ndarray, instrument: str, prompt_seconds: float,
@@ -74,8 +85,12 @@ def continuation(expert, song, context: np.ndarray, instrument: str, prompt_seco
         raise SystemExit(f"--prompt must be more than 0 and less than the expert's {target_s:g} s window")
     n = song.stems[instrument].size
     wave = torch.from_numpy(song.stems[instrument].astype(np.float32))[None, None]
+    config = expert.lm.config
     with torch.inference_mode():
         real = expert.codec.encode(wave)  # [1, K, frames]
+        if config.chord_classes:  # the real part's chords are its past too
+            classes = chord_class_frames(song.metadata.chords, 0, real.shape[-1], expert.frame_rate, 1.0, 0)
+            real = with_chord_row(real, config, torch.from_numpy(classes)[None])
     played, coded = np.zeros(n, np.float32), np.zeros(n, np.float32)
     generator = torch.Generator().manual_seed(song.metadata.seed)
     for start in range(0, real.shape[-1] - window + 1, window):
@@ -84,13 +99,48 @@ def continuation(expert, song, context: np.ndarray, instrument: str, prompt_seco
             ctx_codes = _encode(expert, context[span])
             out = generate(expert.lm, ctx_codes, window, prompt=real[..., start:start + prompt], params=params,
                            generator=generator)
-            ours = expert.codec.decode(out)[0, 0].float().numpy()
-            theirs = expert.codec.decode(real[..., start:start + window])[0, 0].float().numpy()
+            ours = expert.codec.decode(audio_codes(out, config))[0, 0].float().numpy()
+            theirs = expert.codec.decode(audio_codes(real[..., start:start + window], config))[0, 0].float().numpy()
         keep = slice((start + prompt) * hop, min(n, (start + window) * hop))
         length = keep.stop - keep.start
         played[keep], coded[keep] = ours[prompt * hop:][:length], theirs[prompt * hop:][:length]
     shares = [stem_chord_tones(a, sr, song.metadata.chords, instrument).share or 0.0 for a in (played, coded)]
     return shares[0], shares[1]
+
+
+def over_given_chords(expert, song, context: np.ndarray, instrument: str, params: SamplingParams) -> float:
+    """Chord-tone share of what an expert with a chord stream plays, window by window over
+    `context`, when its chord stream is the song's real chords (the audio streams sampled)."""
+    sr, hop = expert.sample_rate, expert.codec.config.hop_length
+    _, target_s = expert_window_seconds(expert.metadata.training)
+    window = int(round(target_s * sr / hop))
+    config = expert.lm.config
+    frames = context.size // hop
+    classes = torch.from_numpy(chord_class_frames(song.metadata.chords, 0, frames, expert.frame_rate, 1.0, 0))
+    played = np.zeros(context.size, np.float32)
+    generator = torch.Generator().manual_seed(song.metadata.seed)
+    for start in range(0, frames - window + 1, window):
+        given = torch.full((1, config.streams, window), -1, dtype=torch.long)
+        given[0, 0] = classes[start:start + window]
+        with torch.inference_mode():
+            out = generate(expert.lm, _encode(expert, context[start * hop:(start + window) * hop]), window,
+                           params=params, generator=generator, given=given)
+            audio = expert.codec.decode(audio_codes(out, config))[0, 0].float().numpy()
+        played[start * hop:(start + window) * hop] = audio[:window * hop]
+    return stem_chord_tones(played, sr, song.metadata.chords, instrument).share or 0.0
+
+
+def named_chords(expert, song, context: np.ndarray, params: SamplingParams, shift: int) -> dict[str, float]:
+    """An expert with a chord stream, over `context` (moved `shift` semitones): the share of frames
+    whose chord token is the song's chord moved by `shift`, and whose root is its root."""
+    result = render_stem(expert, context, expert.sample_rate, context.size / expert.sample_rate, params=params,
+                         seed=song.metadata.seed)
+    named = result.codes[0, 0].numpy()
+    truth = chord_class_frames(song.metadata.chords, 0, named.size, expert.frame_rate, 1.0, 0)
+    truth = np.array([transpose(int(c), shift) for c in truth])
+    known = truth != NO_CHORD
+    return {"chord": float(np.mean(named[known] == truth[known])),
+            "root": float(np.mean(named[known] // 4 == truth[known] // 4))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if stems and set(stems) - set(STEMS):
         parser.error(f"{args.expert}: hears {list(stems)}, which the synthetic songs do not all have")
     params = SamplingParams(cfg_coef=args.cfg)
+    chords = bool(expert.lm.config.chord_classes)
     arranger = Arranger(experts={instrument: expert}, device_map="cpu")
     songs = held_out_songs(args.songs, args.duration, sr, args.seed_base)
     started = time.perf_counter()
@@ -148,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                      "real": profile(song.stems[instrument][:n], sr),
                      "rotation": best_rotation(generated, after_shift), "continuation": ours,
                      "continuation_real_coded": coded})
+        if chords:
+            rows[-1]["over_song_chords"] = over_given_chords(expert, song, context[:n], instrument, params)
+            rows[-1]["named"] = named_chords(expert, song, context[:n], params, 0)
+            rows[-1]["named_shifted"] = named_chords(expert, song, pitch_shift(context[:n], sr, args.shift), params,
+                                                     args.shift)
         print(f"  song {i + 1}/{len(songs)} ({song.metadata.key}): turned by {rows[-1]['rotation']}, "
               f"continuation {ours:.2f} (real codes {coded:.2f})", file=sys.stderr, flush=True)
 
@@ -169,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         "continuation": float(np.mean([r["continuation"] for r in rows])),
         "continuation_real_coded": float(np.mean([r["continuation_real_coded"] for r in rows])),
     }
+    if chords:
+        for key in ("named", "named_shifted"):
+            summary[key] = {m: float(np.mean([r[key][m] for r in rows])) for m in ("chord", "root")}
+        summary["over_song_chords"] = float(np.mean([r["over_song_chords"] for r in rows]))
     print(f"\n{args.expert} ({instrument}), {len(rows)} songs x {args.duration:g} s, over {rows[0]['heard']}; "
           f"{time.perf_counter() - started:.0f} s\n")
     print("| measure | expert | real stem |")
@@ -180,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['turned_by_shift']:.2f} / {summary['turned_by_0']:.2f} | |")
     print(f"| continuation after a {args.prompt:g} s real prompt, chord-tone share | {summary['continuation']:.3f} | "
           f"{summary['continuation_real_coded']:.3f} (its own codes) |")
+    if chords:
+        a, b = summary["named"], summary["named_shifted"]
+        print(f"| chords named by its chord stream: chord / root (chance ~0.02 / 0.08) | {a['chord']:.3f} / "
+              f"{a['root']:.3f}; context +{args.shift}: {b['chord']:.3f} / {b['root']:.3f} | |")
+        print(f"| chord tones over its song's real chords (its chord stream given) | "
+              f"{summary['over_song_chords']:.3f} | |")
     output = args.output or RESULTS / f"pitch_following_{instrument}.json"
     command = "python benchmarks/pitch_following.py " + " ".join(argv or sys.argv[1:])
     payload = {"benchmark": "pitch_following", "command": command, "machine": machine, "expert": str(args.expert),

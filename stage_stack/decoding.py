@@ -68,7 +68,7 @@ class StepRunner:
         if not cache.static:
             raise ValueError("StepRunner needs a static KV cache (lm.new_cache(..., static=True))")
         self.lm, self.cache, self.mask = lm, cache, mask
-        B, K = mask.shape[0], lm.config.n_q
+        B, K = mask.shape[0], lm.config.streams
         device = mask.device
         self.tokens = torch.zeros(B, K, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)

@@ -135,10 +135,12 @@ def generate(
     kv_dtype: torch.dtype | None = None,
     skip_pad_context: bool | None = None,
     prefill_chunk: int | None | Literal["auto"] = "auto",
+    given: torch.Tensor | None = None,
 ):
     """Generate `n_frames` target frames for each context: returns codes [B * num_samples, K, n_frames].
 
-    context: [B, K, C] codes or a list of [K, C_i] (left-padded). `text_memory` is the
+    context: [B, K, C] codes or a list of [K, C_i] (left-padded), K the LM's streams
+    (`layout.with_chord_row` adds an LM's chord row to codec codes; `prompt` carries it too). `text_memory` is the
     projected conditioning (memory [B, L, dim], mask [B, L]) for the conditional rows; the
     unconditional rows always get the null condition. Sample i of context b is row
     b * num_samples + i. With `return_steps`, also returns the guided last-step logits of
@@ -161,6 +163,8 @@ def generate(
     default) is `default_prefill_chunk`. On the CPU a big model's freed heap is given back to
     the OS between chunks (glibc would keep each chunk's temporaries resident). The thread
     count is chosen per call (stage_stack.machine.decode_threads, STAGE_STACK_THREADS).
+    `given` [B, K, n_frames] fixes tokens the LM does not sample (UNFILLED = -1 elsewhere;
+    `TokenLayout.generation_batch`), e.g. an expert's chord stream.
     """
     device = lm.final_norm.weight.device
     n_params = weight_count(lm)
@@ -179,7 +183,7 @@ def generate(
                          params=params, seed=seed, generator=generator, callback=callback, use_cache=use_cache,
                          return_steps=return_steps, mode=mode,
                          static=True if mode != "eager" else static_cache, kv_dtype=kv_dtype,
-                         skip_pad_context=skip_pad_context, prefill_chunk=prefill_chunk, trim=trim)
+                         skip_pad_context=skip_pad_context, prefill_chunk=prefill_chunk, trim=trim, given=given)
 
 
 def default_prefill_chunk(lm: StageLM, n_params: int | None = None) -> int:
@@ -219,7 +223,7 @@ def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eage
 
 
 def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params, seed, generator, callback,
-              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context, prefill_chunk, trim):
+              use_cache, return_steps, mode, static, kv_dtype, skip_pad_context, prefill_chunk, trim, given):
     layout = TokenLayout.for_config(lm.config)
     context = layout.left_pad(context)
     device = lm.final_norm.weight.device
@@ -228,11 +232,14 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
         context = context.repeat_interleave(num_samples, dim=0)
         if prompt is not None:
             prompt = prompt.repeat_interleave(num_samples, dim=0)
+        if given is not None:
+            given = given.repeat_interleave(num_samples, dim=0)
         if text_memory is not None:
             text_memory = tuple(t.repeat_interleave(num_samples, dim=0) for t in text_memory)
     rows = context.shape[0]
     cfg = params.cfg_coef != 1.0
-    batch = layout.generation_batch(context, n_frames, prompt=None if prompt is None else prompt.to(device), cfg=cfg)
+    batch = layout.generation_batch(context, n_frames, prompt=None if prompt is None else prompt.to(device), cfg=cfg,
+                                    given=None if given is None else given.to(device))
 
     memory = memory_mask = None
     if text_memory is not None and lm.config.cross_attention:
@@ -287,8 +294,11 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
                          positions=positions[:, lo:hi], last_only=True)
         return out[:, :, -1].float()
 
+    chord_classes = lm.config.chord_classes  # a chord stream draws only from its classes
     for i, offset in enumerate(range(batch.start_offset, S)):
         guided = guidance(logits_at(offset))
+        if chord_classes:
+            guided[:, 0, chord_classes:] = float("-inf")
         if return_steps:
             steps_logits.append(guided.clone())
         tokens = sampler(guided.reshape(-1, guided.shape[-1])).view(1, rows, K)

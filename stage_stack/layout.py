@@ -16,6 +16,12 @@ With a separate context codec (`StageLMConfig.context_card` > 0) the context's c
 shifted by `context_offset` (= card + 2) in `frames`, into their own embedding rows; PAD stays
 PAD, so the masks are unchanged, and the heads still predict target codes only.
 
+With a chord stream (`StageLMConfig.chord_classes` > 0) the LM has K = n_q + 1 streams: stream
+0 holds each target frame's chord class (stage_stack.chords), streams 1.. the codec's codes, so
+the delay pattern puts a frame's chord one step before its first codebook. The context's chord
+row is PAD (masked like left padding): the LM must hear the chord, not read it.
+`with_chord_row` and `audio_codes` move codes between the codec's rows and the LM's.
+
 Positions (`TokenLayout.positions`, the LM config's `positions`):
 
     "stage"    pos[s] = s - first valid step of the row        (upstream STAGE)
@@ -77,7 +83,7 @@ class TokenLayout:
 
     @classmethod
     def for_config(cls, config: StageLMConfig) -> "TokenLayout":
-        return cls.for_card(config.card, config.n_q, config.positions, config.context_offset)
+        return cls.for_card(config.card, config.streams, config.positions, config.context_offset)
 
     # -- building blocks ----------------------------------------------------------------------
     def left_pad(self, contexts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -140,6 +146,7 @@ class TokenLayout:
 
         `drop_history` [B] bool -> PAD in place of those rows' target frames in the *input*
         (still attended, and still the labels): the LM must predict them without its own past.
+        [B, K] bool drops chosen streams of each row (a chord stream kept, the audio hidden).
         """
         context = self.left_pad(context).clone()
         if drop_context is not None:
@@ -200,11 +207,14 @@ class TokenLayout:
         n_frames: int,
         prompt: torch.Tensor | None = None,
         cfg: bool = True,
+        given: torch.Tensor | None = None,
     ) -> GenerationBatch:
         """The untruncated layout with UNFILLED slots, doubled with PAD contexts for CFG.
 
         `prompt` [B, K, P] are target frames already known (the stem's own previous tokens
-        when continuing a long piece); they count toward `n_frames`.
+        when continuing a long piece); they count toward `n_frames`. `given` [B, K, n_frames]
+        fixes single tokens anywhere in the target (UNFILLED where the LM samples): a chord
+        stream's chords, say, which the audio streams then follow.
         """
         context = self.left_pad(context)
         B, K, C = context.shape
@@ -212,6 +222,10 @@ class TokenLayout:
         if P > n_frames:
             raise ValueError(f"prompt has {P} frames but only {n_frames} frames are requested")
         target = context.new_full((B, K, n_frames), UNFILLED)
+        if given is not None:
+            if given.shape != target.shape:
+                raise ValueError(f"given has shape {tuple(given.shape)}, expected {tuple(target.shape)}")
+            target = given.to(target).clone()
         if prompt is not None:
             target[..., :P] = prompt
         if cfg:
@@ -228,3 +242,25 @@ class TokenLayout:
         """De-interleave and strip context and SEP: [B, K, n_frames] (conditional rows)."""
         frames = self.deinterleave(seq, batch.context_len + 1 + batch.n_frames)
         return frames[..., batch.context_len + 1 :]
+
+
+def with_chord_row(codes: torch.Tensor, config: StageLMConfig, chords: torch.Tensor | None = None) -> torch.Tensor:
+    """Codec codes [..., n_q, F] -> the LM's streams [..., streams, F]: with a chord stream, a
+    first row of `chords` [..., F] (PAD when None: a context, which carries no chord token);
+    unchanged without one."""
+    if not config.chord_classes:
+        if chords is not None:
+            raise ValueError("chords were given for an LM without a chord stream (chord_classes 0)")
+        return codes
+    if codes.shape[-2] != config.n_q:
+        raise ValueError(f"expected codec codes with {config.n_q} codebooks, got shape {tuple(codes.shape)}")
+    row = codes.new_full((*codes.shape[:-2], 1, codes.shape[-1]), config.pad_token) if chords is None \
+        else chords.to(codes)[..., None, :]
+    return torch.cat([row, codes], dim=-2)
+
+
+def audio_codes(codes: torch.Tensor, config: StageLMConfig) -> torch.Tensor:
+    """The LM's streams [..., streams, F] -> what the codec decodes [..., n_q, F]."""
+    if codes.shape[-2] != config.streams:
+        raise ValueError(f"expected the LM's {config.streams} streams, got shape {tuple(codes.shape)}")
+    return codes[..., 1:, :] if config.chord_classes else codes

@@ -24,6 +24,7 @@ import torch
 from .audio import resample
 from .expert import Expert
 from .generation import SamplingParams, generate, generation_steps
+from .layout import audio_codes, with_chord_row
 from .longform import WindowPlan, expert_window_seconds, plan_windows, stitch
 from .machine import decode_threads
 from .models.quant import weight_count
@@ -49,7 +50,7 @@ class StageTimings:
 class StemResult:
     audio: np.ndarray  # [candidates, samples] at the expert's rate
     plan: WindowPlan
-    codes: torch.Tensor  # [candidates, n_q, frames], the whole stem's tokens
+    codes: torch.Tensor  # [candidates, streams, frames], the whole stem's tokens (a chord stream's first)
     timings: StageTimings = field(default_factory=StageTimings)
 
 
@@ -79,13 +80,14 @@ def text_memory_for(expert: Expert, prompt_text: str | None, explicit: bool = Tr
 
 
 def _encode(expert: Expert, audio: np.ndarray) -> torch.Tensor:
-    """[samples] -> codes [1, n_q, frames]; fewer samples than one frame give an empty context."""
-    n_q = expert.lm.config.n_q
+    """[samples] -> the LM's context codes [1, streams, frames] (a chord stream's row PAD); fewer
+    samples than one frame give an empty context."""
+    config = expert.lm.config
     encoder = expert.context_encoder
     if audio.shape[-1] < encoder.config.hop_length:
-        return torch.zeros(1, n_q, 0, dtype=torch.long, device=expert.device)
+        return torch.zeros(1, config.streams, 0, dtype=torch.long, device=expert.device)
     wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None].to(expert.device)
-    return encoder.encode(wave)
+    return with_chord_row(encoder.encode(wave), config)
 
 
 def render_stem(
@@ -143,16 +145,16 @@ def _render_stem(
     text = text_memory_for(expert, prompt_text, explicit=not prompt_is_default)
     device = expert.device
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    n_q = expert.lm.config.n_q
-    codes = torch.zeros(candidates, n_q, plan.total_frames, dtype=torch.long, device=device)
-    total_steps = sum(generation_steps(w.n_frames, n_q) - w.prompt_frames for w in plan.windows)
+    streams = expert.lm.config.streams
+    codes = torch.zeros(candidates, streams, plan.total_frames, dtype=torch.long, device=device)
+    total_steps = sum(generation_steps(w.n_frames, streams) - w.prompt_frames for w in plan.windows)
     steps_before = 0
     pieces: list[np.ndarray] = []
 
     for window in plan.windows:
         start = time.perf_counter()
         if context is None:
-            context_codes = torch.zeros(1, n_q, 0, dtype=torch.long, device=device)
+            context_codes = torch.zeros(1, streams, 0, dtype=torch.long, device=device)
         else:
             context_codes = _encode(expert, context[window.context_start_frame * hop: window.context_end_frame * hop])
         timings.encode_s += time.perf_counter() - start
@@ -173,11 +175,11 @@ def _render_stem(
         out = generate(expert.lm, rows_context, window.n_frames, text_memory=rows_text, prompt=prompt,
                        num_samples=num_samples, params=params, generator=generator, callback=on_step)
         timings.generate_s += time.perf_counter() - start
-        steps_before += generation_steps(window.n_frames, n_q) - window.prompt_frames
+        steps_before += generation_steps(window.n_frames, streams) - window.prompt_frames
         codes[:, :, window.start_frame: window.end_frame] = out
 
         start = time.perf_counter()
-        pieces.append(expert.codec.decode(out)[:, 0].float().cpu().numpy())
+        pieces.append(expert.codec.decode(audio_codes(out, expert.lm.config))[:, 0].float().cpu().numpy())
         timings.decode_s += time.perf_counter() - start
 
     start = time.perf_counter()

@@ -203,9 +203,9 @@ def test_an_interrupted_pretokenize_resumes_where_it_stopped(cache, codec, tmp_p
 
 
 @pytest.mark.parametrize("chords, beats, named", [
-    (True, False, ["chord labels (loss.harmony_weight)"]),
+    (True, False, ["chord labels (loss.harmony_weight, a chord stream)"]),
     (False, True, ["beat labels (loss.beat_weight)"]),
-    (True, True, ["chord labels (loss.harmony_weight) and beat labels (loss.beat_weight)"]),
+    (True, True, ["chord labels (loss.harmony_weight, a chord stream) and beat labels (loss.beat_weight)"]),
 ])
 def test_labels_without_the_songs_folder_name_every_head_that_needs_them(cache, chords, beats, named):
     _, out, _ = cache

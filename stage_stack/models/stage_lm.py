@@ -4,6 +4,7 @@ The whole forward pass is in this file (see docs/DESIGN.md and
 ../shared/reference/stage-reference.md §1):
 
     codes [B, K, S] --sum of K embeddings--> + sinusoid(per-sample positions)
+      (K = the codec's codebooks, plus a chord stream first when `chord_classes` > 0)
       --> n_layers x [pre-norm self-attn (causal + key padding, KV cache),
                       pre-norm cross-attn to the text memory (optional),
                       pre-norm GELU FFN]
@@ -50,6 +51,11 @@ class StageLMConfig:
     # (layout.TokenLayout shifts them there), so one codec can carry what the expert must hear
     # and another what it must play.
     context_card: int = 0
+    # 0 (upstream): the LM's streams are the codec's n_q codebooks. > 0: one more stream comes
+    # first, a chord token per frame (stage_stack.chords: this many classes, card >= it), so the
+    # delay pattern generates a frame's chord one step before its first codebook and the audio
+    # codes follow it as their own past. The chord stream is never decoded; the context's is PAD.
+    chord_classes: int = 0
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -58,12 +64,20 @@ class StageLMConfig:
             raise ValueError(f"StageLMConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "context_card":
+            if f.name in ("context_card", "chord_classes"):
                 if value < 0:
-                    raise ValueError(f"StageLMConfig.context_card must be 0 (one codec) or positive, got {value}")
+                    raise ValueError(f"StageLMConfig.{f.name} must be 0 (off) or positive, got {value}")
                 continue
             if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"StageLMConfig.{f.name} must be positive, got {value}")
+        if self.chord_classes > self.card:
+            raise ValueError(f"StageLMConfig.chord_classes ({self.chord_classes}) must not exceed card ({self.card}): "
+                             "chord tokens share the audio codes' embedding rows and heads")
+
+    @property
+    def streams(self) -> int:
+        """The LM's token streams: the codec's n_q codebooks, plus the chord stream when it has one."""
+        return self.n_q + (1 if self.chord_classes else 0)
 
     @property
     def head_dim(self) -> int:
@@ -469,12 +483,12 @@ class StageLM(nn.Module):
     def __init__(self, config: StageLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = nn.ModuleList(Embedding(config.embedding_rows, config.dim) for _ in range(config.n_q))
+        self.embeddings = nn.ModuleList(Embedding(config.embedding_rows, config.dim) for _ in range(config.streams))
         if config.cross_attention:
             self.text_proj = nn.Linear(config.text_dim, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.heads = nn.ModuleList(Linear(config.dim, config.card, bias=False) for _ in range(config.n_q))
+        self.heads = nn.ModuleList(Linear(config.dim, config.card, bias=False) for _ in range(config.streams))
 
     # -- conditioning -------------------------------------------------------------------------
     def project_text(self, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

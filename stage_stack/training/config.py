@@ -91,6 +91,10 @@ class FreshModel(_Section):
     # expert hears through it and plays through `codec` (StageLMConfig.context_card). None: one
     # codec, as upstream. It must share `codec`'s sample rate, frame rate and codebook count.
     context_codec: Path | None = None
+    # A chord stream (StageLMConfig.chord_classes, stage_stack.chords): the LM generates each
+    # frame's chord before its audio codes, trained on the songs' metadata.json chords. Not in
+    # STAGE's recipe.
+    chord_stream: bool = False
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "FreshModel":
@@ -108,11 +112,25 @@ class BaseSpec(_Section):
     # codec. It must give the same codes (`codec_fingerprint`: a decoder retrained with the
     # encoder frozen), so the LM's vocabulary is unchanged; only how its stems sound changes.
     codec: Path | None = None
+    # With `expert`: give its LM a chord stream (FreshModel.chord_stream). The expert's streams
+    # move one place up (their delays grow by one step); the chord stream's table and head start
+    # fresh (seeded by `seed`).
+    add_chord_stream: bool = False
+    # With `expert` (one codec): a codec file it learns to hear its contexts through (as
+    # FreshModel.context_codec), with fresh embedding rows for that codec's codes; it plays
+    # through its own codec as before.
+    add_context_codec: Path | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "BaseSpec":
         if (self.expert is None) == (self.fresh is None):
             raise ValueError("set exactly one of 'expert' (a base expert file) or 'fresh' (a new small LM)")
+        if self.add_context_codec is not None and self.expert is None:
+            raise ValueError("add_context_codec gives a base expert's LM a context codec; a fresh LM names one "
+                             "with base.fresh.context_codec")
+        if self.add_chord_stream and self.expert is None:
+            raise ValueError("add_chord_stream grows a base expert's LM; a fresh LM asks for one with "
+                             "base.fresh.chord_stream: true")
         if self.codec is not None and self.expert is None:
             raise ValueError("codec replaces a base expert's codec; a fresh LM names its own (base.fresh.codec)")
         return self
@@ -224,6 +242,10 @@ class DropoutConfig(_Section):
     # Whole context row -> the target's own first frames (an aligned copy, at most the target's
     # length). Not in STAGE's recipe.
     self_context: float = Field(0.0, ge=0, le=1)
+    # An LM with a chord stream: the chance that a row's past chord tokens -> PAD in the input
+    # (labels kept), so that it names each frame's chord from what it hears, not from the chord
+    # before. `history` then hides the audio streams only: those rows play from their chords.
+    chord_history: float = Field(0.0, ge=0, le=1)
 
 
 class LossConfig(_Section):
@@ -283,7 +305,7 @@ class TrainConfig(_Section):
 # `base.fresh.codec` is not among them: a codec file whose decoder was retrained (same codes) may
 # replace it; train.py compares the codec's code fingerprint instead.
 RESUME_KEYS = ("instrument", "seed", "base.expert", "base.fresh.dim", "base.fresh.n_layers", "base.fresh.n_heads",
-               "base.fresh.ffn_dim", "base.fresh.init_seed", "data", "optim", "dropout", "batch_size", "grad_accum",
+               "base.fresh.ffn_dim", "base.fresh.init_seed", "base.fresh.chord_stream", "base.add_chord_stream", "base.add_context_codec", "data", "optim", "dropout", "batch_size", "grad_accum",
                "schedule.embed_only_steps", "schedule.embed_lr_boost", "schedule.unfreeze_ramp_steps",
                "schedule.min_lr_ratio", "mixed_precision", "loss")
 

@@ -54,6 +54,9 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
             f"| context codec | {training.get('context_codec', {}).get('id', 'embedded')}: the context is heard "
             f"through this second codec ({metadata.context_codec_cfg.n_q} codebooks of "
             f"{metadata.context_codec_cfg.card}) |"]),
+        *([] if not lm.chord_classes else [
+            f"| chord stream | {lm.chord_classes} classes (stage_stack/chords.py): a first stream names each "
+            "frame's chord one step before its codes; never decoded (not in STAGE's recipe) |"]),
         f"| format | stage-stack expert v{FORMAT_VERSION} |",
         "",
         "## Training data",
@@ -87,6 +90,10 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
            f"{config.dropout.history:.0%} of the pairs, the target itself as context in "
            f"{config.dropout.self_context:.0%} (those copies make `train_loss` lower than `val_loss`)"]
           if config.dropout.history or config.dropout.self_context else []),
+        *([f"- chord stream: taught each target frame's chord from the songs' metadata.json; its past chords "
+           f"hidden in {config.dropout.chord_history:.0%} of the pairs (drawn apart from the audio's), and "
+           "`val_chord_accuracy` is what it names with every past hidden, from the context (`_no_context`: "
+           "from nothing)"] if lm.chord_classes else []),
         *_loss_lines(config),
         "",
         "## Metrics",
@@ -100,6 +107,11 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
                 "val_loss_no_context"):
         if key in metrics:
             lines.append(f"- {key}: {_fmt(metrics[key])}")
+    chords = [key for key in metrics if key.startswith("val_chord_accuracy")]
+    if chords:
+        lines += ["", "The chord stream's top-1 accuracy on the validation stem pairs with every past hidden (from "
+                  "the context; `_no_context`: from nothing):", ""]
+        lines += [f"- {key}: {_fmt(metrics[key])}" for key in sorted(chords)]
     heads = [key for key in metrics if key.startswith(HEAD_METRICS)]
     if heads:
         lines += ["", "The auxiliary heads' losses on the validation pairs (training only, not in this file; "
@@ -197,6 +209,6 @@ def training_summary(history: list[dict]) -> dict[str, float]:
         if "train_loss" in record:
             out["train_loss"] = record["train_loss"]
         for key, value in record.items():
-            if key.startswith(("val_loss", *HEAD_METRICS)):
+            if key.startswith(("val_loss", "val_chord_accuracy", *HEAD_METRICS)):
                 out[key] = value
     return {k: round(float(v), 4) for k, v in out.items()}

@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..atomic import atomic_path, atomic_write_text
+from ..chords import NO_CHORD, chord_class
 from ..locks import exclusive
 from ..audio import click_track, resample
 from .data import (EXCLUDED_STEMS, BadSong, ChordSpan, DatasetError, PairInfo, SongSource, StemDataset, augment,
@@ -277,6 +278,9 @@ class TokenPair:
     # and bool [segment frames]: where the frame lies between two beats (`beat_labels=True`)
     target_beat_phase: np.ndarray | None = None
     target_beat_known: np.ndarray | None = None
+    # int64 [segment frames]: each target frame's chord class, for an expert's chord stream
+    # (`chord_labels=True`; stage_stack.chords)
+    target_chord_class: np.ndarray | None = None
 
 
 class TokenPairDataset:
@@ -360,7 +364,7 @@ class TokenPairDataset:
     def _read_labels(self) -> None:
         """Every used song's chords and/or beats, read once, so a song without them fails before
         training."""
-        which = " and ".join(name for name, on in (("chord labels (loss.harmony_weight)", self.chords is not None),
+        which = " and ".join(name for name, on in (("chord labels (loss.harmony_weight, a chord stream)", self.chords is not None),
                                                     ("beat labels (loss.beat_weight)", self.beats is not None)) if on)
         if self.source is None:
             raise DatasetError(f"{self.cache_dir}: {which} need the songs folder the cache was built from "
@@ -371,8 +375,9 @@ class TokenPairDataset:
             if self.chords is not None:
                 if not metadata.chords:
                     raise DatasetError(f"{self.source / song_id}: metadata.json has no 'chords'; loss.harmony_weight "
-                                       "needs a chord per bar in every song ([{name, root, pitch_classes, start, "
-                                       "end, bar}], seconds), or set loss.harmony_weight: 0")
+                                       "and an expert's chord stream need a chord per bar in every song ([{name, "
+                                       "root, pitch_classes, start, end, bar}], seconds), or set "
+                                       "loss.harmony_weight: 0 and train without a chord stream")
                 self.chords[song_id] = sorted(metadata.chords, key=lambda c: c.start)
             if self.beats is not None:
                 entry = variants[0]
@@ -492,15 +497,16 @@ class TokenPairDataset:
             as_context = context_file.get_slice(f"codes.{self.target_stem}")[:, offset : offset + T].astype(np.int64)
         info = PairInfo(entry.song_id, offset / self.frame_rate, entry.speed, entry.pitch,
                         "click" if use_click else "stems", tuple(chosen), length / self.frame_rate, entry.variant)
-        chords = known = None
+        chords = known = classes = None
         if self.chords is not None:
-            chords, known = chord_frames(self.chords[entry.song_id], offset, T, self.frame_rate, entry.speed,
-                                         entry.pitch)
+            spans = self.chords[entry.song_id]
+            chords, known = chord_frames(spans, offset, T, self.frame_rate, entry.speed, entry.pitch)
+            classes = chord_class_frames(spans, offset, T, self.frame_rate, entry.speed, entry.pitch)
         phase = on_grid = None
         if self.beats is not None:
             phase, on_grid = beat_phase_frames(self.beats[entry.song_id], offset, T, self.frame_rate, entry.speed)
         return TokenPair(context, target, entry.description, self.frame_rate, info,
-                         onset_strength(peaks[row], offset, T), as_context, chords, known, phase, on_grid)
+                         onset_strength(peaks[row], offset, T), as_context, chords, known, phase, on_grid, classes)
 
 
 def chord_frames(chords: list[ChordSpan], offset: int, n_frames: int, frame_rate: float, speed: float,
@@ -511,16 +517,33 @@ def chord_frames(chords: list[ChordSpan], offset: int, n_frames: int, frame_rate
     frame f sounds the song's chord at (f + 0.5) / frame_rate / speed, `pitch` semitones up.
     Frames outside every chord span are not known (all zeros).
     """
+    at, known = _chord_at(chords, offset, n_frames, frame_rate, speed)
+    table = np.zeros((len(chords), 12), dtype=np.float32)
+    for i, c in enumerate(chords):
+        table[i, [(pc + pitch) % 12 for pc in c.pitch_classes]] = 1.0
+    labels = np.where(known[:, None], table[at], 0.0).astype(np.float32)
+    return labels, known
+
+
+def chord_class_frames(chords: list[ChordSpan], offset: int, n_frames: int, frame_rate: float, speed: float,
+                       pitch: int) -> np.ndarray:
+    """int64 [n_frames]: each frame's chord class (stage_stack.chords; NO_CHORD outside every
+    chord span), for an expert's chord stream; frames and moves as in `chord_frames`."""
+    at, known = _chord_at(chords, offset, n_frames, frame_rate, speed)
+    table = np.array([chord_class((c.root + pitch) % 12, [(pc + pitch) % 12 for pc in c.pitch_classes])
+                      for c in chords], dtype=np.int64)
+    return np.where(known, table[at], NO_CHORD).astype(np.int64)
+
+
+def _chord_at(chords: list[ChordSpan], offset: int, n_frames: int, frame_rate: float,
+              speed: float) -> tuple[np.ndarray, np.ndarray]:
+    """(index into `chords` (0 where unknown), known) of frames offset.. of a variant."""
     times = (offset + np.arange(n_frames) + 0.5) / frame_rate / speed
     starts = np.array([c.start for c in chords])
     ends = np.array([c.end for c in chords])
     at = np.searchsorted(starts, times, side="right") - 1
     known = (at >= 0) & (times < ends[np.clip(at, 0, None)])
-    table = np.zeros((len(chords), 12), dtype=np.float32)
-    for i, c in enumerate(chords):
-        table[i, [(pc + pitch) % 12 for pc in c.pitch_classes]] = 1.0
-    labels = np.where(known[:, None], table[np.clip(at, 0, None)], 0.0).astype(np.float32)
-    return labels, known
+    return np.clip(at, 0, None), known
 
 
 BEAT_PHASE_BINS = 4  # a frame's place in its beat, for `loss.beat_weight` (bin 0 on the beat)
@@ -570,5 +593,6 @@ def collate_token_pairs(pairs: list[TokenPair]) -> dict:
         "description": [p.description for p in pairs],
         "info": [p.info for p in pairs],
         **{name: stacked(name) for name in ("target_onsets", "target_as_context", "target_chords",
-                                            "target_chords_known", "target_beat_phase", "target_beat_known")},
+                                            "target_chords_known", "target_beat_phase", "target_beat_known",
+                                            "target_chord_class")},
     }

@@ -32,6 +32,7 @@ import random
 import shlex
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,9 +43,10 @@ import torch.nn.functional as F
 
 from .. import faults
 from ..atomic import atomic_write_text
+from ..chords import CHORD_CLASSES
 from ..errors import StageStackError, TrainingConfigError
 from ..expert import ExpertMetadata, context_codec_mismatches, load_expert
-from ..layout import TokenLayout
+from ..layout import TokenLayout, with_chord_row
 from ..models.codec import Codec
 from ..models.stage_lm import StageLM, StageLMConfig, init_weights
 from .auxiliary import HEADS, auxiliary_heads, head_loss, head_weights, scored_rows
@@ -85,8 +87,25 @@ def load_base(config: TrainConfig) -> Base:
         codec = expert.codec
         if spec.codec is not None:
             codec, info = _same_codes_codec(spec.codec, expert.codec, spec.expert)
-        return Base(expert.lm.train(), codec, expert.metadata, expert.text, info, str(spec.expert),
-                    expert.context_codec, context_info)
+        lm = expert.lm.train()
+        if spec.add_chord_stream:
+            lm = add_chord_stream(lm, config.seed, spec.expert)
+        context_codec = expert.context_codec
+        if spec.add_context_codec is not None:
+            from .codec_train import load_codec_file
+
+            if context_codec is not None:
+                raise TrainingConfigError(f"{spec.expert} already hears through a context codec; remove "
+                                          "base.add_context_codec")
+            context_codec, context_training = load_codec_file(spec.add_context_codec)
+            for name, theirs, mine in context_codec_mismatches(codec.config, context_codec.config):
+                raise TrainingConfigError(
+                    f"base.add_context_codec ({spec.add_context_codec}) has {name} {theirs}, but the codec of "
+                    f"base.expert ({spec.expert}) has {mine}: the two codecs must share the sample rate, frame rate "
+                    "and number of codebooks")
+            context_info = _codec_info(spec.add_context_codec, context_training)
+            lm = add_context_rows(lm, context_codec.config.card, config.seed)
+        return Base(lm, codec, expert.metadata, expert.text, info, str(spec.expert), context_codec, context_info)
 
     from .codec_train import load_codec_file
 
@@ -105,10 +124,47 @@ def load_base(config: TrainConfig) -> Base:
     lm_cfg = StageLMConfig(dim=fresh.dim, n_layers=fresh.n_layers, n_heads=fresh.n_heads, ffn_dim=fresh.ffn_dim,
                            card=codec.config.card, n_q=codec.config.n_q, cross_attention=False,
                            positions=fresh.positions,
-                           context_card=0 if context_codec is None else context_codec.config.card)
+                           context_card=0 if context_codec is None else context_codec.config.card,
+                           chord_classes=CHORD_CLASSES if fresh.chord_stream else 0)
     lm = init_weights(StageLM(lm_cfg), seed=fresh.init_seed).train()
     return Base(lm, codec, None, None, _codec_info(fresh.codec, codec_training), f"fresh {lm_cfg}", context_codec,
                 context_info)
+
+
+def add_chord_stream(lm: StageLM, seed: int, source: Path | str = "the base expert") -> StageLM:
+    """A copy of `lm` with a chord stream first (stage_stack.chords): its streams move one place
+    up, with their embeddings and heads; the chord stream's table and head are fresh (`seed`)."""
+    if lm.config.chord_classes:
+        raise TrainingConfigError(f"{source} already has a chord stream ({lm.config.chord_classes} classes); "
+                                  "remove base.add_chord_stream")
+    grown = init_weights(StageLM(dataclasses.replace(lm.config, chord_classes=CHORD_CLASSES)), seed=seed)
+    renamed = {}
+    for key, value in lm.state_dict().items():
+        prefix, _, rest = key.partition(".")
+        if prefix in ("embeddings", "heads"):
+            index, _, name = rest.partition(".")
+            key = f"{prefix}.{int(index) + 1}.{name}"
+        renamed[key] = value
+    missing, unexpected = grown.load_state_dict(renamed, strict=False)
+    if unexpected or sorted(missing) != ["embeddings.0.weight", "heads.0.weight"]:
+        raise AssertionError(f"chord stream surgery: missing {missing}, unexpected {unexpected}")
+    return grown.train()
+
+
+def add_context_rows(lm: StageLM, context_card: int, seed: int) -> StageLM:
+    """A copy of a one-codec `lm` that hears through a context codec of `context_card` codes:
+    every embedding table keeps its rows and gains fresh ones (`seed`) for the context's codes
+    (StageLMConfig.context_card, layout.TokenLayout.context_offset)."""
+    grown = init_weights(StageLM(dataclasses.replace(lm.config, context_card=context_card)), seed=seed)
+    state = lm.state_dict()
+    with torch.no_grad():
+        for name, value in grown.state_dict().items():
+            old = state[name]
+            if name.startswith("embeddings."):
+                value[: old.shape[0]] = old
+            else:
+                value.copy_(old)
+    return grown.train()
 
 
 def _same_codes_codec(path: Path, current: Codec, expert_path: Path) -> tuple[Codec, dict]:
@@ -165,11 +221,12 @@ def cache_dirs(config: TrainConfig, codec: Codec) -> tuple[Path, Path | None]:
 
 
 def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait: Callable[[], None] = lambda: None,
-                   progress: bool = False, context_codec: Codec | None = None):
+                   progress: bool = False, context_codec: Codec | None = None, chord_stream: bool = False):
     """Write the synthetic songs if configured, pre-tokenize (main process), then the pair datasets.
 
     With a `context_codec` the songs are pre-tokenized with both codecs (each into its own
-    cache) and the pairs take their contexts from the context codec's cache.
+    cache) and the pairs take their contexts from the context codec's cache. `chord_stream`:
+    the LM has one, so the pairs carry each target frame's chord.
     """
     from .token_cache import TokenPairDataset, pretokenize
 
@@ -192,7 +249,7 @@ def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait
     wait()
     pair_args = dict(target_stem=d.target_stem, segment_seconds=d.segment_seconds, context_seconds=d.context_seconds,
                      full_context_prob=d.full_context_prob, click_prob=d.click_prob, context_stems=d.context_stems,
-                     chord_labels=bool(config.loss.harmony_weight), beat_labels=bool(config.loss.beat_weight))
+                     chord_labels=bool(config.loss.harmony_weight) or chord_stream, beat_labels=bool(config.loss.beat_weight))
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
                                  seed=config.seed, source=d.root, context_cache_dir=ctx_train_dir,
@@ -425,6 +482,8 @@ class Trainer:
         as if the context were heard: what validation compares the heard context against."""
         context, drop, history = self.conditioning(batch, train, micro, drop_all_context)
         target = batch["target"].to(self.accelerator.device)
+        if self.lm.config.chord_classes:
+            context, target, history = self.with_chords(batch, context, target, history, train, micro)
         tb = self.layout.training_batch(context, target, drop_context=drop, drop_history=history)
         memory, mask = self.text_memory(batch["description"], train, micro)
         want_hidden = self.heads is not None and (train or heads)
@@ -439,6 +498,29 @@ class Trainer:
             for name, head in self.heads.items():
                 terms[name] = head_loss(name, head, hidden, tb.context_len, batch, scored_rows(name, kinds, dropped))
         return terms
+
+    def with_chords(self, batch: dict, context: list[torch.Tensor], target: torch.Tensor,
+                    history: torch.Tensor | None, train: bool, micro: int):
+        """An LM with a chord stream: the target's chord row from the pairs' chord classes, the
+        contexts' PAD, and the history dropout per stream ([B, K]: `dropout.history` hides the
+        audio streams, `dropout.chord_history` the chord stream; None when neither is drawn)."""
+        classes = batch.get("target_chord_class")
+        if classes is None:
+            raise TrainingConfigError("an LM with a chord stream needs the pairs' chord classes, which this dataset "
+                                      "does not provide; train from the token cache (data.cache) with each song's "
+                                      "metadata.json beside it (data.root)")
+        cfg, device = self.lm.config, target.device
+        target = with_chord_row(target, cfg, classes.to(device))
+        context = [with_chord_row(c, cfg) for c in context]
+        rate = self.config.dropout.chord_history
+        if not train or (history is None and not rate):
+            return context, target, history
+        B = target.shape[0]
+        audio = history if history is not None else torch.zeros(B, dtype=torch.bool, device=device)
+        chord = torch.zeros(B, dtype=torch.bool, device=device)
+        if rate:
+            chord = (torch.rand(B, generator=self._generator(micro, 5)) < rate).to(device)
+        return context, target, torch.stack([chord] + [audio] * cfg.n_q, dim=1)
 
     def frame_weights(self, batch: dict) -> torch.Tensor | None:
         """[B, T] loss weights of the target frames (`loss.onset_weight`), None for a plain mean."""
@@ -539,8 +621,17 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + terms[name].item() * n
                     counts[key] = counts.get(key, 0) + n
 
+        def add_chords(batch: dict) -> None:
+            # what the chord stream names from the context alone (its past and the audio's hidden)
+            n = batch["target"].shape[0]
+            for heard, key in ((True, "val_chord_accuracy"), (False, "val_chord_accuracy_no_context")):
+                sums[key] = sums.get(key, 0.0) + self.chord_accuracy(batch, heard) * n
+                counts[key] = counts.get(key, 0) + n
+
         for kind, batches in self.valid_batches.items():
             for batch in batches:
+                if kind == "stems" and self.lm.config.chord_classes:
+                    add_chords(batch)
                 add(("val_loss", f"val_loss_{kind}"), batch)
                 add(("val_loss_no_context",), batch, drop_all_context=True)
                 if kind == "click":
@@ -550,6 +641,25 @@ class Trainer:
                     add_heads(kind, batch)
         self.model.train()
         return {k: round(sums[k] / counts[k], 5) for k in sums}
+
+
+    @torch.no_grad()
+    def chord_accuracy(self, batch: dict, heard: bool) -> float:
+        """The chord stream's top-1 accuracy over the target frames with every stream's past
+        hidden: from the context (`heard`) or from nothing (the context PAD)."""
+        device = self.accelerator.device
+        context, target, _ = self.with_chords(batch, [c.to(device) for c in batch["context"]],
+                                              batch["target"].to(device), None, train=False, micro=0)
+        B = target.shape[0]
+        tb = self.layout.training_batch(context, target, drop_context=torch.full((B,), not heard, device=device),
+                                        drop_history=torch.ones(B, dtype=torch.bool, device=device))
+        memory, mask = self.text_memory(batch["description"], False)
+        with self.accelerator.autocast():
+            logits = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions)
+        aligned, scored = self.layout.target_logits(logits, tb)
+        guess = aligned[:, 0, :, : self.lm.config.chord_classes].argmax(dim=-1)
+        right = (guess == tb.targets[:, 0]) & scored[:, 0]
+        return float(right.sum()) / max(1, int(scored[:, 0].sum()))
 
 
 def average_gradients(module: torch.nn.Module, accelerator) -> None:
@@ -643,7 +753,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
         base.context_codec.to(accelerator.device)
     train_data, valid_data = build_datasets(config, base.codec, accelerator.is_main_process,
                                             accelerator.wait_for_everyone, progress=progress,
-                                            context_codec=base.context_codec)
+                                            context_codec=base.context_codec,
+                                            chord_stream=bool(base.lm.config.chord_classes))
     trainer = Trainer(config, base, train_data, valid_data, accelerator)
     if state is not None:
         trainer.load_state(state)
