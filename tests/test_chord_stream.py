@@ -182,7 +182,8 @@ def test_a_chord_run_resumes_exactly_reports_what_it_names_and_exports_its_strea
     assert expert.lm.config.chord_classes == CHORD_CLASSES and len(expert.lm.heads) == 3
     assert expert.metadata.training["config"]["dropout"]["chord_history"] == 0.5
     card = expert.metadata.model_card
-    assert "| chord stream | 49 classes" in card and f"- val_chord_accuracy: {val[-1]['val_chord_accuracy']:.4f}" in card
+    assert "| chord stream | 49 classes" in card
+    assert f"- val_chord_accuracy: {val[-1]['val_chord_accuracy']:.4f}" in card
 
 
 def test_a_chord_stream_needs_a_codec_with_room_for_the_chords(shared, tmp_path):  # noqa: F811
@@ -193,9 +194,9 @@ def test_a_chord_stream_needs_a_codec_with_room_for_the_chords(shared, tmp_path)
 
 
 def test_add_chord_stream_is_for_a_base_expert():
+    base = make_config({"root": Path("/nowhere")}, Path("/nowhere/run")).model_dump(mode="json")
     with pytest.raises(ValueError, match="add_chord_stream grows a base expert's LM.*base.fresh.chord_stream"):
-        TrainConfig.model_validate({**make_config({"root": Path("/nowhere")}, Path("/nowhere/run")).model_dump(mode="json"),
-                                    "base": {"fresh": {"codec": "c.safetensors"}, "add_chord_stream": True}})
+        TrainConfig.model_validate({**base, "base": {"fresh": {"codec": "c.safetensors"}, "add_chord_stream": True}})
 
 
 def test_a_base_expert_grows_fresh_embedding_rows_for_a_context_codec():

@@ -72,7 +72,8 @@ class StageLMConfig:
                 raise ValueError(f"StageLMConfig.{f.name} must be positive, got {value}")
         if self.chord_classes > self.card:
             raise ValueError(f"StageLMConfig.chord_classes ({self.chord_classes}) must not exceed card ({self.card}): "
-                             "chord tokens share the audio codes' embedding rows and heads")
+                             "chord tokens share the audio codes' embedding rows and heads; use a codec with at "
+                             f"least {self.chord_classes} codes per codebook, or no chord stream")
 
     @property
     def streams(self) -> int:

@@ -305,7 +305,8 @@ class TrainConfig(_Section):
 # `base.fresh.codec` is not among them: a codec file whose decoder was retrained (same codes) may
 # replace it; train.py compares the codec's code fingerprint instead.
 RESUME_KEYS = ("instrument", "seed", "base.expert", "base.fresh.dim", "base.fresh.n_layers", "base.fresh.n_heads",
-               "base.fresh.ffn_dim", "base.fresh.init_seed", "base.fresh.chord_stream", "base.add_chord_stream", "base.add_context_codec", "data", "optim", "dropout", "batch_size", "grad_accum",
+               "base.fresh.ffn_dim", "base.fresh.init_seed", "base.fresh.chord_stream", "base.add_chord_stream",
+               "base.add_context_codec", "data", "optim", "dropout", "batch_size", "grad_accum",
                "schedule.embed_only_steps", "schedule.embed_lr_boost", "schedule.unfreeze_ramp_steps",
                "schedule.min_lr_ratio", "mixed_precision", "loss")
 

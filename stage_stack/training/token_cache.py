@@ -364,7 +364,8 @@ class TokenPairDataset:
     def _read_labels(self) -> None:
         """Every used song's chords and/or beats, read once, so a song without them fails before
         training."""
-        which = " and ".join(name for name, on in (("chord labels (loss.harmony_weight, a chord stream)", self.chords is not None),
+        which = " and ".join(name for name, on in (("chord labels (loss.harmony_weight, a chord stream)",
+                                                     self.chords is not None),
                                                     ("beat labels (loss.beat_weight)", self.beats is not None)) if on)
         if self.source is None:
             raise DatasetError(f"{self.cache_dir}: {which} need the songs folder the cache was built from "

@@ -249,7 +249,8 @@ def build_datasets(config: TrainConfig, codec: Codec, is_main: bool = True, wait
     wait()
     pair_args = dict(target_stem=d.target_stem, segment_seconds=d.segment_seconds, context_seconds=d.context_seconds,
                      full_context_prob=d.full_context_prob, click_prob=d.click_prob, context_stems=d.context_stems,
-                     chord_labels=bool(config.loss.harmony_weight) or chord_stream, beat_labels=bool(config.loss.beat_weight))
+                     chord_labels=bool(config.loss.harmony_weight) or chord_stream,
+                     beat_labels=bool(config.loss.beat_weight))
     if valid_dir is None:
         train = TokenPairDataset(train_dir, split="train", n_valid=d.n_valid, identity_prob=d.identity_prob,
                                  seed=config.seed, source=d.root, context_cache_dir=ctx_train_dir,
