@@ -236,3 +236,15 @@ def test_given_tokens_are_kept_and_the_rest_is_sampled():
     assert not torch.equal(free[:, 0], out[:, 0]) and (out[:, 1:] >= 0).all()
     with pytest.raises(ValueError, match="given has shape \\(1, 3, 5\\), expected \\(1, 3, 12\\)"):
         generate(lm, context, 12, given=given[..., :5])
+
+
+def test_the_arranger_layers_a_chord_expert_over_another_and_saves_it(tmp_path):
+    from stage_stack import Arranger
+
+    keys = make_tiny_expert(tmp_path / "keys.safetensors", "keys", lm_config=LM, codec_config=CODEC64)
+    drums = make_tiny_expert(tmp_path / "drums.safetensors", "drums")
+    song = Arranger({"drums": drums, "keys": keys}, device_map="cpu", dtype="fp32").arrange(
+        ["drums", "keys"], context=None, bpm=120, duration=2.0, seed=0)
+    assert song.stems["keys"].shape == song.stems["drums"].shape and np.abs(song.stems["keys"]).max() > 0
+    song.save(tmp_path / "song")
+    assert (tmp_path / "song" / "stems" / "keys.wav").is_file()
