@@ -32,6 +32,7 @@ stem; quality.py's sampling), through the public Arranger:
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shift", type=int, default=3, help="semitones the context is shifted by (default 3)")
     parser.add_argument("--prompt", type=float, default=1.0, help="seconds of real codes that start each "
                                                                   "continuation window (default 1)")
-    parser.add_argument("--cfg", type=float, default=3.0, help="guidance coefficient (quality.py's default 3)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="guidance coefficient (default: the expert's own sampling, as the Arranger uses it)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default: the expert's own sampling)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path (default benchmarks/results/pitch_following_<instrument>.json)")
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     stems = tuple(expert.metadata.hears) if expert.metadata.hears else None
     if stems and set(stems) - set(STEMS):
         parser.error(f"{args.expert}: hears {list(stems)}, which the synthetic songs do not all have")
-    params = SamplingParams(cfg_coef=args.cfg)
+    given = {k: v for k, v in (("cfg_coef", args.cfg), ("temperature", args.temperature)) if v is not None}
+    params = replace(expert.metadata.sampling_params(), **given)  # what quality.py and the Arranger use
     chords = bool(expert.lm.config.chord_classes)
     arranger = Arranger(experts={instrument: expert}, device_map="cpu")
     songs = held_out_songs(args.songs, args.duration, sr, args.seed_base)

@@ -82,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds per song (default 10, quick 8)")
     parser.add_argument("--trim", type=float, default=BEAT_TRIM_SECONDS, help="beats before this are not scored")
     parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="song i has seed SEED_BASE + i")
-    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: the reference's 1)")
-    parser.add_argument("--top-k", type=int, default=250, help="sample from the k likeliest codes (default: the reference's 250; 0 = all)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance coefficient (default: each expert's own sampling, as the "
+                             "Arranger uses it, else the reference's 3)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default: each expert's own, else the reference's 1)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample from the k likeliest codes (default: each expert's own, else the reference's "
+                             "250; 0 = all)")
     for name in ("drums", "bass", "keys"):
         parser.add_argument(f"--{name}", type=Path, default=None,
                             help=f"{name} expert (default: the bundled {WEIGHTS_DIR.name}/{name}.safetensors)")

@@ -44,7 +44,6 @@ from .arrangement import CONTEXT_FILE, Arrangement, candidate_file
 from .audio import resample
 from .errors import InputError, IntegrityError
 from .expert import Expert, load_expert, read_metadata, sha256_file
-from .generation import SamplingParams
 from .inputs import (DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, check_sample_rate,
                      load_context)
 from .layer import Layer
@@ -597,7 +596,7 @@ class Arranger:
 
         prompt, prompt_source = self._prompt(layer, expert)
         seed = layer.seed if layer.seed is not None else m.seed + index
-        params = layer.params or SamplingParams()
+        params = layer.params or expert.metadata.sampling_params()
         plan = window_plan_for(expert, m.duration, self.overlap_seconds, self.crossfade_seconds)
 
         def on_step(done: int, steps: int) -> None:

@@ -62,9 +62,9 @@ librosa and mir_eval are the `eval` extra; they are imported when a metric runs.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -72,6 +72,10 @@ from .audio import click_track, write_audio
 from .errors import StageStackError
 from .training.data import ChordSpan
 from .training.synth import SCALES, STEMS, Song, generate_song, parse_key
+
+if TYPE_CHECKING:
+    from .expert import ExpertMetadata
+    from .generation import SamplingParams
 
 EVAL_SEED_BASE = 10_000
 TEMPO_RANGE = (80.0, 160.0)  # the synthetic band's range
@@ -361,10 +365,11 @@ class EvalSettings:
     duration: float = 10.0  # seconds generated per song
     seed_base: int = EVAL_SEED_BASE  # song i has seed seed_base + i; its generation seed is the same
     trim_seconds: float = BEAT_TRIM_SECONDS
-    cfg_coef: float = 3.0
-    # The reference's defaults (generation.SamplingParams); a lever to measure, not a tuned value.
-    temperature: float = 1.0
-    top_k: int = 250
+    # None: each expert's own sampling (ExpertMetadata.sampling, what the Arranger uses), else the
+    # reference's (generation.SamplingParams); a value here overrides it for every expert.
+    cfg_coef: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
     drums_in_context: bool = True  # also generate drums on the other stems (rhythmic F1)
     # The experts' weight format. fp32, not the Arranger's "auto", so that scores compare across
     # machines (auto is int8 on some CPUs and fp32 on others); quality.py --dtype auto scores what users get.
@@ -391,9 +396,9 @@ class EvalSettings:
                                   f"({self.trim_seconds} s), so every song keeps beats to score")
         if self.trim_seconds < 0:
             raise EvaluationError(f"trim_seconds must be >= 0, got {self.trim_seconds}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise EvaluationError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
+        if self.top_k is not None and self.top_k < 0:
             raise EvaluationError(f"top_k must be >= 0 (0 = sample from every code), got {self.top_k}")
 
 
@@ -420,6 +425,7 @@ class TaskResult:
     context: str  # "click" or the stems summed, e.g. "drums+keys+lead"
     metric: str  # "beat F1" or "rhythmic F1"
     songs: list[SongScore] = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)  # the SamplingParams generation used
 
     def mean(self, metric: str, source: str = "generated") -> float | None:
         """Mean of `metric` ("f1" or "chord_tone_share") of `source` (one of SOURCES) over the songs."""
@@ -431,7 +437,7 @@ class TaskResult:
         means = {source: {metric: self.mean(metric, source) for metric in METRICS}
                  for source in SOURCES}
         return {"name": self.name, "instrument": self.instrument, "expert": self.expert, "context": self.context,
-                "metric": self.metric, "songs": len(self.songs), "mean": means,
+                "metric": self.metric, "songs": len(self.songs), "sampling": self.sampling, "mean": means,
                 "generation_seconds": round(sum(s.seconds for s in self.songs), 2)}
 
 
@@ -548,15 +554,18 @@ class _Protocol:
     """Runs tasks on the held-out songs; songs and reference scores are computed once."""
 
     def __init__(self, settings: EvalSettings, progress: ProgressCallback | None, audio_dir: Path | None) -> None:
-        from .generation import SamplingParams
-
         self.settings = settings
         self.progress = progress
         self.audio_dir = audio_dir
-        self.params = SamplingParams(cfg_coef=settings.cfg_coef, temperature=settings.temperature,
-                                     top_k=settings.top_k)
+        self.overrides = {k: v for k, v in (("cfg_coef", settings.cfg_coef), ("temperature", settings.temperature),
+                                            ("top_k", settings.top_k)) if v is not None}
         self._songs: dict[int, list[Song]] = {}
         self._references: dict[tuple, StemScore] = {}
+
+    def params_for(self, metadata: ExpertMetadata) -> SamplingParams:
+        """What an expert generates with: its own sampling (what the Arranger uses), with the
+        settings' explicit values over it."""
+        return replace(metadata.sampling_params(), **self.overrides)
 
     def songs(self, sample_rate: int) -> list[Song]:
         if sample_rate not in self._songs:
@@ -605,8 +614,10 @@ class _Protocol:
         context_name = "click" if from_click else control_context(songs, 0, instrument, source, stems)[1]
         result = TaskResult(name, instrument, str(expert.path), context_name,
                             "beat F1" if from_click else "rhythmic F1")
+        params = self.params_for(expert.metadata)
+        result.sampling = asdict(params)
         for i, song in enumerate(songs):
-            layer = Layer(instrument, params=self.params, seed=song.metadata.seed)
+            layer = Layer(instrument, params=params, seed=song.metadata.seed)
             start = time.perf_counter()
             if from_click:
                 arranged = arranger.arrange([layer], None, bpm=song.metadata.bpm, duration=self.settings.duration,

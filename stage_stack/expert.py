@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .atomic import atomic_path
 from .errors import CheckpointKeyError, DeviceError, ExpertFormatError, IntegrityError
+from .generation import SamplingParams, sampling_from
 from .models.codec import Codec, CodecConfig
 from .models.quant import release_freed_memory
 from .models.stage_lm import StageLM, StageLMConfig
@@ -103,6 +104,10 @@ class ExpertMetadata(BaseModel):
     # data.context_stems); the Arranger then gives it those earlier layers only (Layer.hears).
     # None: it was trained on mixes of every other stem.
     hears: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    # The sampling this expert was measured best with (generation.SamplingParams fields; its
+    # training config's export.sampling): the Arranger uses it for a layer that gives no params.
+    # None: the reference's defaults.
+    sampling: dict[str, Any] | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     model_card: str = ""
 
@@ -112,6 +117,13 @@ class ExpertMetadata(BaseModel):
         if v != FORMAT_VERSION:
             raise ValueError(f"unknown expert format version {v}; this stage-stack reads version {FORMAT_VERSION}. "
                              "Upgrade stage-stack, or re-export the expert with this version")
+        return v
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            sampling_from(v)
         return v
 
     @field_validator("lm_config")
@@ -172,6 +184,10 @@ class ExpertMetadata(BaseModel):
                    frame_rate=codec_config.frame_rate,
                    special_tokens=SpecialTokens(pad=lm_config.pad_token, sep=lm_config.sep_token), **fields)
 
+    def sampling_params(self) -> SamplingParams:
+        """The expert's own sampling (`sampling`), else the reference's defaults."""
+        return sampling_from(self.sampling or {})
+
     @property
     def lm_cfg(self) -> StageLMConfig:
         return StageLMConfig.from_dict(self.lm_config)
@@ -186,9 +202,9 @@ class ExpertMetadata(BaseModel):
 
     # -- (de)serialisation to safetensors' string -> string header -----------------------------
     def to_header(self) -> dict[str, str]:
-        # `hears` is left out when unset, so an expert that does not use it has the header that
-        # stage-stack versions without the field read.
-        skip = {"hears"} if self.hears is None else set()
+        # `hears` and `sampling` are left out when unset, so an expert that does not use them has
+        # the header that stage-stack versions without the fields read.
+        skip = {name for name in ("hears", "sampling") if getattr(self, name) is None}
         return {k: json.dumps(v) for k, v in self.model_dump(mode="json", exclude=skip).items()}
 
     @classmethod

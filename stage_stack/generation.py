@@ -8,7 +8,7 @@ reads keys/values from the cache. `generate(..., use_cache=False)` is the upstre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Literal
 
 import torch
@@ -47,6 +47,16 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1] (0 = off), got {self.top_p}")
+
+
+def sampling_from(settings: dict) -> SamplingParams:
+    """SamplingParams from a mapping read from a file (an expert's or a training config's
+    `sampling`): unknown keys and bad values raise ValueError naming them."""
+    known = [f.name for f in fields(SamplingParams)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"unknown sampling field(s) {unknown}; expected some of {known}")
+    return SamplingParams(**settings)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -325,4 +335,4 @@ def generation_steps(n_frames: int, n_q: int) -> int:
     return n_frames + n_q - 1
 
 
-__all__ = ["SamplingParams", "generate", "sample_next", "generation_steps", "GenerationBatch"]
+__all__ = ["SamplingParams", "generate", "sample_next", "sampling_from", "generation_steps", "GenerationBatch"]

@@ -32,7 +32,7 @@ class Layer:
     gain_db     mix gain in dB (default: the instrument's registry default, else 0)
     candidates  variations generated in one batch; all are kept, `pick` is the one used
     click       "none", "mix+click" or "click" (default: the song's click mode)
-    params      sampling parameters (default: SamplingParams(), the reference's)
+    params      sampling parameters (default: its expert's `sampling`, else SamplingParams(), the reference's)
     pick        which candidate the next layers hear (default: the first)
     hears       the earlier layers this one hears, by name (default: what its expert was
                 trained to hear, `ExpertMetadata.hears`, else all of them); the song's own

@@ -156,6 +156,7 @@ def _chord_config(shared, run, **overrides):
     config = make_config(shared, run, data={"target_stem": "keys"},
                          dropout={"history": 0.5, "chord_history": 0.5}, **overrides).model_dump(mode="json")
     config["base"]["fresh"].update(codec=str(shared["root"] / "codec64.safetensors"), chord_stream=True)
+    config["export"]["sampling"] = {"temperature": 0.5}
     return TrainConfig.model_validate(config)
 
 
@@ -182,7 +183,8 @@ def test_a_chord_run_resumes_exactly_reports_what_it_names_and_exports_its_strea
     assert expert.lm.config.chord_classes == CHORD_CLASSES and len(expert.lm.heads) == 3
     assert expert.metadata.training["config"]["dropout"]["chord_history"] == 0.5
     card = expert.metadata.model_card
-    assert "| chord stream | 49 classes" in card
+    assert "| chord stream | 49 classes" in card and "| sampling | temperature 0.5 (the Arranger's default" in card
+    assert expert.metadata.sampling_params().temperature == 0.5
     assert f"- val_chord_accuracy: {val[-1]['val_chord_accuracy']:.4f}" in card
 
 

@@ -319,8 +319,14 @@ def test_sampling_settings_reach_the_generation_params():
     from stage_stack.evaluation import _Protocol
     from stage_stack.generation import SamplingParams
 
-    assert _Protocol(EvalSettings(), None, None).params == SamplingParams(cfg_coef=3.0)
-    params = _Protocol(EvalSettings(cfg_coef=2.0, temperature=0.7, top_k=10), None, None).params
+    from stage_stack.testing import TINY_CODEC, TINY_LM, expert_metadata
+
+    plain = expert_metadata("keys", TINY_LM, TINY_CODEC)
+    own = expert_metadata("keys", TINY_LM, TINY_CODEC, sampling={"temperature": 0.5})
+    # by default, what the Arranger uses: the expert's own sampling, else the reference's
+    assert _Protocol(EvalSettings(), None, None).params_for(plain) == SamplingParams()
+    assert _Protocol(EvalSettings(), None, None).params_for(own) == SamplingParams(temperature=0.5)
+    params = _Protocol(EvalSettings(cfg_coef=2.0, temperature=0.7, top_k=10), None, None).params_for(own)
     assert (params.cfg_coef, params.temperature, params.top_k) == (2.0, 0.7, 10)
     with pytest.raises(EvaluationError, match="temperature must be > 0, got 0"):
         EvalSettings(temperature=0)

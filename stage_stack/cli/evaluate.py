@@ -55,11 +55,12 @@ def _bundled_experts() -> list[Path]:
               help="Beats before this time are not scored (mir_eval's default).")
 @click.option("--seed-base", type=int, default=EVAL_SEED_BASE, show_default=True,
               help="Song i has seed SEED_BASE + i; keep it clear of the training songs' seeds.")
-@click.option("--cfg", "cfg_coef", type=float, default=3.0, show_default=True, help="Classifier-free guidance.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Sampling temperature.")
-@click.option("--top-k", type=click.IntRange(min=0), default=250, show_default=True,
-              help="Sample from the k likeliest codes (0: all).")
+@click.option("--cfg", "cfg_coef", type=float, default=None,
+              help="Classifier-free guidance (default: each expert's own sampling, else 3).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Sampling temperature (default: each expert's own, else 1).")
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
+              help="Sample from the k likeliest codes (0: all; default: each expert's own, else 250).")
 @click.option("--no-drums-in-context", is_flag=True, help="Score drums from a click only.")
 @click.option("--context-source", type=click.Choice(CONTEXT_SOURCES), default="song", show_default=True,
               help="Control for the in-context tasks: the song's own stems, the next held-out song's, or "

@@ -37,9 +37,13 @@ class NewSong(_Request):
 
 
 class Sampling(_Request):
-    temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
-    top_k: Annotated[int, Field(ge=0, le=4096)] = 250
-    cfg: Annotated[float, Field(ge=0, le=20)] = 3.0
+    """A layer that gives none of these generates with its expert's own sampling
+    (ExpertMetadata.sampling, else the reference's); one that gives some takes the reference's
+    for the rest, as `stage-stack add --temperature ...` does."""
+
+    temperature: Annotated[float, Field(gt=0, le=10)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=4096)] | None = None
+    cfg: Annotated[float, Field(ge=0, le=20)] | None = None
 
 
 class NewLayer(_Request):

@@ -204,9 +204,11 @@ class Studio:
     def add_layer(self, name: str, request: NewLayer) -> Job:
         directory = self.song_dir(name)
         s = request.sampling
+        given = {k: v for k, v in (("cfg_coef", s.cfg), ("temperature", s.temperature), ("top_k", s.top_k))
+                 if v is not None}
         layer = Layer(request.instrument, name=request.name, prompt=request.prompt or None, seed=request.seed,
                       gain_db=request.gain_db, candidates=request.candidates, click=request.click,
-                      params=SamplingParams(cfg_coef=s.cfg, temperature=s.temperature, top_k=s.top_k),
+                      params=SamplingParams(**given) if given else None,  # None: the expert's own
                       hears=None if request.hears is None else tuple(request.hears))
         m = Manifest.load(directory / MANIFEST_NAME)
         # the checks `Arranger.add` runs first (unknown instrument, taken name), now rather than in the job

@@ -275,6 +275,19 @@ class ExportConfig(_Section):
     default_prompt: str = ""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # LM weights in the file
     notes: str = ""  # extra text appended to the model card
+    # The sampling the Arranger uses for this expert when a layer gives none (generation.
+    # SamplingParams fields, e.g. {temperature: 0.5}); say in `notes` what measured it. None: the
+    # reference's defaults.
+    sampling: dict[str, Any] | None = None
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            from ..generation import sampling_from
+
+            sampling_from(v)
+        return v
 
 
 class TrainConfig(_Section):

@@ -57,6 +57,9 @@ def model_card(config: TrainConfig, metadata: ExpertMetadata, training: dict) ->
         *([] if not lm.chord_classes else [
             f"| chord stream | {lm.chord_classes} classes (stage_stack/chords.py): a first stream names each "
             "frame's chord one step before its codes; never decoded (not in STAGE's recipe) |"]),
+        *([] if not metadata.sampling else [
+            "| sampling | " + ", ".join(f"{k} {v}" for k, v in metadata.sampling.items())
+            + " (the Arranger's default for this expert; the reference's for what is not named) |"]),
         f"| format | stage-stack expert v{FORMAT_VERSION} |",
         "",
         "## Training data",
@@ -164,6 +167,7 @@ def expert_metadata_for(config: TrainConfig, lm: StageLM, codec: Codec, base: Ex
         description=config.export.description,
         default_prompt=config.export.default_prompt,
         hears=None if config.data.context_stems is None else list(config.data.context_stems),
+        sampling=config.export.sampling,
         training=training,
         context_codec_config=None if context_codec is None else context_codec.config.to_dict(),
     )

@@ -501,10 +501,11 @@ function numberOrNull(value) { return value === "" || value === null ? null : Nu
 async function addLayer(event) {
   event.preventDefault();
   const f = event.target.elements;
-  const body = {
-    instrument: f.instrument.value, candidates: Number(f.candidates.value),
-    sampling: { temperature: Number(f.temperature.value), top_k: Number(f.top_k.value), cfg: Number(f.cfg.value) },
-  };
+  const body = { instrument: f.instrument.value, candidates: Number(f.candidates.value), sampling: {} };
+  for (const key of ["temperature", "top_k", "cfg"]) {  // left empty: the expert's own sampling
+    const value = numberOrNull(f[key].value);
+    if (value !== null) body.sampling[key] = value;
+  }
   if (f.name.value) body.name = f.name.value;
   if (f.seed.value !== "") body.seed = Number(f.seed.value);
   if (f.prompt.value) body.prompt = f.prompt.value;
