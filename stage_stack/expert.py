@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .atomic import atomic_path
 from .errors import CheckpointKeyError, DeviceError, ExpertFormatError, IntegrityError
-from .generation import SamplingParams, sampling_from
+from .generation import SamplingParams, SamplingSettings, sampling_from
 from .models.codec import Codec, CodecConfig
 from .models.quant import release_freed_memory
 from .models.stage_lm import StageLM, StageLMConfig
@@ -107,7 +107,7 @@ class ExpertMetadata(BaseModel):
     # The sampling this expert was measured best with (generation.SamplingParams fields; its
     # training config's export.sampling): the Arranger uses it for a layer that gives no params.
     # None: the reference's defaults.
-    sampling: dict[str, Any] | None = None
+    sampling: SamplingSettings | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     model_card: str = ""
 
@@ -117,13 +117,6 @@ class ExpertMetadata(BaseModel):
         if v != FORMAT_VERSION:
             raise ValueError(f"unknown expert format version {v}; this stage-stack reads version {FORMAT_VERSION}. "
                              "Upgrade stage-stack, or re-export the expert with this version")
-        return v
-
-    @field_validator("sampling")
-    @classmethod
-    def _sampling(cls, v: dict | None) -> dict | None:
-        if v is not None:
-            sampling_from(v)
         return v
 
     @field_validator("lm_config")

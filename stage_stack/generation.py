@@ -9,9 +9,10 @@ reads keys/values from the cache. `generate(..., use_cache=False)` is the upstre
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
+from pydantic import AfterValidator
 
 from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
@@ -57,6 +58,15 @@ def sampling_from(settings: dict) -> SamplingParams:
     if unknown:
         raise ValueError(f"unknown sampling field(s) {unknown}; expected some of {known}")
     return SamplingParams(**settings)
+
+
+def _checked(settings: dict) -> dict:
+    sampling_from(settings)
+    return settings
+
+
+# A pydantic field type for such a mapping, checked when read (ExpertMetadata, ExportConfig).
+SamplingSettings = Annotated[dict[str, Any], AfterValidator(_checked)]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import TrainingConfigError
+from ..generation import SamplingSettings
 from ..models.codec import CodecConfig
 
 Precision = Literal["no", "fp16", "bf16", "auto"]
@@ -278,16 +279,7 @@ class ExportConfig(_Section):
     # The sampling the Arranger uses for this expert when a layer gives none (generation.
     # SamplingParams fields, e.g. {temperature: 0.5}); say in `notes` what measured it. None: the
     # reference's defaults.
-    sampling: dict[str, Any] | None = None
-
-    @field_validator("sampling")
-    @classmethod
-    def _sampling(cls, v: dict | None) -> dict | None:
-        if v is not None:
-            from ..generation import sampling_from
-
-            sampling_from(v)
-        return v
+    sampling: SamplingSettings | None = None
 
 
 class TrainConfig(_Section):
