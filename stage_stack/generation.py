@@ -161,8 +161,8 @@ def generate(
 
     context: [B, K, C] codes or a list of [K, C_i] (left-padded), K the LM's streams
     (`layout.with_chord_row` adds an LM's chord row to codec codes; `prompt` carries it too).
-    `text_memory` is the projected conditioning (memory [B, L, dim], mask [B, L]) for the conditional rows; the
-    unconditional rows always get the null condition. Sample i of context b is row
+    `text_memory` is the projected conditioning (memory [B, L, dim], mask [B, L]) for the
+    conditional rows; the unconditional rows always get the null condition. Sample i of context b is row
     b * num_samples + i. With `return_steps`, also returns the guided last-step logits of
     every step ([steps, rows, K, card]) for inspection.
 

@@ -643,7 +643,6 @@ class Trainer:
         self.model.train()
         return {k: round(sums[k] / counts[k], 5) for k in sums}
 
-
     @torch.no_grad()
     def chord_accuracy(self, batch: dict, heard: bool) -> float:
         """The chord stream's top-1 accuracy over the target frames with every stream's past
