@@ -40,6 +40,10 @@ class SamplingParams:
     top_k: int = 250
     top_p: float = 0.0  # 0 = off
     greedy: bool = False
+    # An LM with a chord stream draws its chords at this temperature (0: the likeliest chord)
+    # and its audio at `temperature`; None draws both at `temperature`. The keys name the
+    # song's chord more often when they draw it cooler than their notes (benchmarks/README.md).
+    chord_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 and not self.greedy:
@@ -48,6 +52,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1] (0 = off), got {self.top_p}")
+        if self.chord_temperature is not None and self.chord_temperature < 0:
+            raise ValueError(f"chord_temperature must be >= 0 (0 = the likeliest chord; None = temperature), "
+                             f"got {self.chord_temperature}")
 
 
 def sampling_from(settings: dict) -> SamplingParams:
@@ -318,7 +325,7 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
     for i, offset in enumerate(range(batch.start_offset, S)):
         guided = guidance(logits_at(offset))
         if chord_classes:
-            guided[:, 0, chord_classes:] = float("-inf")
+            draw_chords(guided[:, 0], chord_classes, params)
         if return_steps:
             steps_logits.append(guided.clone())
         tokens = sampler(guided.reshape(-1, guided.shape[-1])).view(1, rows, K)
@@ -331,6 +338,20 @@ def _generate(lm, context, n_frames, *, text_memory, prompt, num_samples, params
     if return_steps:
         return out, torch.stack(steps_logits)
     return out
+
+
+def draw_chords(logits: torch.Tensor, chord_classes: int, params: SamplingParams) -> None:
+    """Shape a chord stream's guided logits [R, card] in place: only chord classes can be
+    drawn, and with `params.chord_temperature` the sampler's division by `temperature` leaves
+    them divided by `chord_temperature` instead."""
+    logits[:, chord_classes:] = float("-inf")
+    t = params.chord_temperature
+    if t is None or params.greedy:
+        return
+    if t == 0:
+        logits.masked_fill_(logits < logits.amax(dim=-1, keepdim=True), float("-inf"))
+    else:
+        logits.mul_(params.temperature / t)
 
 
 def cfg_row_groups(mask: torch.Tensor, rows: int) -> tuple[RowGroup, RowGroup]:

@@ -183,10 +183,13 @@ class TokenLayout:
         return aligned, scored
 
     def loss(self, logits: torch.Tensor, batch: TrainingBatch,
-             frame_weights: torch.Tensor | None = None) -> torch.Tensor:
+             frame_weights: torch.Tensor | None = None, first_stream_weight: float = 1.0) -> torch.Tensor:
         """Cross-entropy per codebook over scored target frames, then the mean over codebooks.
 
         `frame_weights` [B, T] (target frames) turn each codebook's mean into a weighted mean.
+        `first_stream_weight` counts stream 0's cross-entropy that many times in the sum the
+        mean divides by the number of streams (a chord stream's `loss.chord_weight`), so the
+        other streams' gradients stay as they were.
         """
         aligned, scored = self.target_logits(logits, batch)
         per_codebook = []
@@ -198,6 +201,8 @@ class TokenLayout:
             ce = F.cross_entropy(aligned[:, q][mask].float(), batch.targets[:, q][mask], reduction="none")
             w = frame_weights.to(ce)[mask]
             per_codebook.append((ce * w).sum() / w.sum())
+        if first_stream_weight != 1.0:
+            per_codebook[0] = per_codebook[0] * first_stream_weight
         return torch.stack(per_codebook).mean()
 
     # -- generation ---------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_a_harmony_run_resumes_exactly_reports_its_losses_and_exports_no_head(sh
     expert = load_expert(straight.output)
     assert set(expert.lm.state_dict()) == set(a["model"])
     assert json.dumps(expert.metadata.training["config"]["loss"]) == json.dumps(
-        {"onset_weight": 0.0, "harmony_weight": 1.0, "beat_weight": 0.0})
+        {"onset_weight": 0.0, "harmony_weight": 1.0, "beat_weight": 0.0, "chord_weight": 1.0})
 
 
 def test_songs_without_chords_are_refused_before_training(shared, tmp_path):  # noqa: F811

@@ -250,3 +250,40 @@ def test_the_arranger_layers_a_chord_expert_over_another_and_saves_it(tmp_path):
     assert song.stems["keys"].shape == song.stems["drums"].shape and np.abs(song.stems["keys"]).max() > 0
     song.save(tmp_path / "song")
     assert (tmp_path / "song" / "stems" / "keys.wav").is_file()
+
+
+def test_chords_drawn_at_their_own_temperature():
+    from stage_stack.generation import draw_chords
+    lm = init_weights(StageLM(LM), seed=0).eval()
+    context = with_chord_row(torch.randint(0, 64, (1, 2, 8)), LM)
+    params = SamplingParams(temperature=0.8, top_k=0, chord_temperature=0)
+    out, steps = generate(lm, context, 12, num_samples=3, seed=0, params=params, return_steps=True)
+    chord_logits = steps[:12, :, 0]  # stream 0 has no delay: step i draws frame i's chord
+    assert (torch.isfinite(chord_logits).sum(-1) == 1).all()  # only the likeliest chord is left
+    assert torch.equal(out[:, 0], chord_logits.argmax(-1).T)
+    audio = steps[:, :, 1:]
+    assert (torch.isfinite(audio).sum(-1) > 1).all()  # the audio is still sampled
+    # a chord temperature t under a temperature T: the sampler's division by T leaves them divided by t
+    logits = torch.tensor([[1.0, 2.0, 3.0] + [0.5] * 61])
+    draw_chords(logits, 3, SamplingParams(temperature=0.5, chord_temperature=0.25))
+    assert torch.equal(logits[0, :3], torch.tensor([2.0, 4.0, 6.0])) and torch.isinf(logits[0, 3:]).all()
+    unchanged = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    draw_chords(unchanged, 3, SamplingParams(temperature=0.5))
+    assert torch.equal(unchanged[0, :3], torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="chord_temperature must be >= 0"):
+        SamplingParams(chord_temperature=-1)
+
+
+def test_the_chord_weight_counts_the_chord_streams_loss_more_and_needs_a_chord_stream(shared, tmp_path):  # noqa: F811
+    layout = TokenLayout.for_config(LM)
+    torch.manual_seed(0)
+    context = [with_chord_row(torch.randint(0, 64, (2, 5)), LM) for _ in range(2)]
+    target = with_chord_row(torch.randint(0, 64, (2, 2, 4)), LM, torch.tensor([[3, 3, 7, 7], [0, 0, 1, 1]]))
+    tb = layout.training_batch(context, target)
+    logits = torch.randn(2, 3, tb.codes.shape[-1], LM.card)
+    per_stream = [layout.loss(logits, tb, first_stream_weight=w) for w in (0.0, 1.0, 4.0)]
+    chord = 3 * (per_stream[1] - per_stream[0])  # the chord stream's own cross-entropy
+    assert torch.allclose(per_stream[2], per_stream[0] + 4 * chord / 3)
+    config = make_config(shared, tmp_path / "plain", loss={"chord_weight": 4})
+    with pytest.raises(StageStackError, match="loss.chord_weight is 4 but this LM has no chord stream"):
+        train(config, progress=False)

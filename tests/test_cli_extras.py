@@ -24,7 +24,7 @@ def test_sampling_flags_reach_the_manifest(band, tmp_path):
     assert result.exit_code == 0, result.output
     layers = json.loads((out / "manifest.json").read_text())["layers"]
     assert layers[0]["sampling"] | {} == {"cfg_coef": 1.5, "temperature": 0.7, "top_k": 40, "top_p": 0.0,
-                                         "greedy": False}
+                                         "greedy": False, "chord_temperature": None}
     assert (layers[1]["sampling"]["top_k"], layers[1]["sampling"]["temperature"]) == (10, 1.0)  # others: defaults
     result = CliRunner().invoke(cli, ["add", str(out), "keys", "--temperature", "0", *experts])
     assert result.exit_code == 2 and "--temperature" in result.output

@@ -46,3 +46,6 @@ def test_the_arranger_samples_with_the_experts_own_unless_the_layer_says(tmp_pat
                              duration=1.0, seed=0)
     assert again.manifest.layer("drums").sampling.temperature == 0.9
     assert again.manifest.layer("drums").sampling.cfg_coef == 3.0  # the layer's params, whole
+    chords = arranger.arrange([Layer("drums", params=SamplingParams(temperature=0.5, chord_temperature=1.0))],
+                              context=None, bpm=120, duration=1.0, seed=0)
+    assert chords.manifest.layer("drums").sampling.params() == SamplingParams(temperature=0.5, chord_temperature=1.0)

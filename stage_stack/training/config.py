@@ -267,10 +267,15 @@ class LossConfig(_Section):
     # falls within its beat (4 bins, cross-entropy, from the songs' beat grid) on pairs whose
     # context is kept stems or a click: the drums must take the beat from a mix they hear.
     beat_weight: float = Field(0.0, ge=0)
+    # An LM with a chord stream (base.fresh.chord_stream, base.add_chord_stream): the chord
+    # stream's cross-entropy counts this many times in the training loss (1: one stream among
+    # n_q + 1). Not in STAGE's recipe: the keys play the chord they name, and naming it is what
+    # they miss (benchmarks/README.md), so more of the gradient goes to hearing the chord.
+    chord_weight: float = Field(1.0, ge=0)
 
 
 class ExportConfig(_Section):
-    output: Path  # the expert file written at the end (and by `stage-stack train --export-only`)
+    output: Path  # the expert file written at the end (again by `stage-stack train --resume` on a finished run)
     license: str = "MIT"
     description: str = ""
     default_prompt: str = ""

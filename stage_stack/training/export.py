@@ -146,6 +146,9 @@ def _loss_lines(config: TrainConfig) -> list[str]:
         lines.append(f"- auxiliary beat objective, not in STAGE's recipe (weight {loss.beat_weight}): a "
                      "training-only head names where each target frame falls in its beat (4 bins) from the "
                      "hidden state that predicts the frame, on pairs whose context is kept stems or a click")
+    if loss.chord_weight != 1.0:
+        lines.append(f"- the chord stream's cross-entropy counted {loss.chord_weight:g} times in the loss, not in "
+                     "STAGE's recipe")
     return lines
 
 

@@ -359,6 +359,10 @@ class Trainer:
         self.train_data, self.valid_data = train_data, valid_data
         self.lm = base.lm
         cfg = self.lm.config
+        if config.loss.chord_weight != 1.0 and not cfg.chord_classes:
+            raise TrainingConfigError(f"loss.chord_weight is {config.loss.chord_weight:g} but this LM has no chord "
+                                      "stream; set it to 1, or give the LM one (base.fresh.chord_stream or "
+                                      "base.add_chord_stream)")
         self.layout = TokenLayout.for_config(cfg)
         self.use_text = cfg.cross_attention and base.text is not None
         self.codes_fingerprint, self.context_fingerprint = base_fingerprints(base)
@@ -492,7 +496,8 @@ class Trainer:
             out = self.model(tb.codes, tb.attention_mask, memory, mask, positions=tb.positions,
                              return_hidden=want_hidden)
         logits, hidden = out if want_hidden else (out, None)
-        terms = {"lm": self.layout.loss(logits, tb, self.frame_weights(batch) if train else None)}
+        chord_weight = self.config.loss.chord_weight if train and self.lm.config.chord_classes else 1.0
+        terms = {"lm": self.layout.loss(logits, tb, self.frame_weights(batch) if train else None, chord_weight)}
         if hidden is not None:
             kinds = [i.context_kind for i in batch["info"]]
             dropped = drop.tolist() if drop is not None and not drop_all_context else None
