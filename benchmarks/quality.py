@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample from the k likeliest codes (default: each expert's own, else the reference's "
                              "250; 0 = all)")
+    parser.add_argument("--chord-temperature", type=float, default=None,
+                        help="an expert with a chord stream draws its chords at this temperature (0 = the "
+                             "likeliest; default: the expert's own, else its temperature)")
+    parser.add_argument("--chords", choices=("heard", "own"), default=None,
+                        help="an expert with a chord stream is given the chords heard in its context, or names its "
+                             "own (default: what the Arranger does: heard over the song's stems)")
     for name in ("drums", "bass", "keys"):
         parser.add_argument(f"--{name}", type=Path, default=None,
                             help=f"{name} expert (default: the bundled {WEIGHTS_DIR.name}/{name}.safetensors)")
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             n_tempos=args.tempos or (QUICK["tempos"] if args.quick else 20),
             duration=args.duration or (QUICK["duration"] if args.quick else 10.0),
             seed_base=args.seed_base, trim_seconds=args.trim, cfg_coef=args.cfg,
-            temperature=args.temperature, top_k=args.top_k,
+            temperature=args.temperature, top_k=args.top_k, chord_temperature=args.chord_temperature,
+            chords=args.chords,
             context_source=args.context_source, context_stems=args.context_stems,
             drums_in_context=not args.no_drums_in_context, dtype=args.dtype,
         )

@@ -14,6 +14,7 @@ def register_instruments(register):
         default_prompt="tight drum kit groove, punchy kick and snare",
         default_gain_db=-2.0,
         chain_position=10,  # first: every later layer follows the groove
+        pitched=False,  # no chords to hear in it
         license="MIT",
         sources=[bundled_expert("drums")],
     ))

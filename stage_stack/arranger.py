@@ -46,7 +46,7 @@ from .errors import InputError, IntegrityError
 from .expert import Expert, load_expert, read_metadata, sha256_file
 from .inputs import (DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, check_sample_rate,
                      load_context)
-from .layer import Layer
+from .layer import ChordSource, Layer
 from .manifest import (ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerTimings, LimiterRecord, Manifest,
                        RegistryRecord, SamplingRecord, now, parse_state)
 from .mixing import CLICK_GAIN_DB, CLICK_MODES, ClickMode, LimiterSettings, conditioning_audio, fit_length, metronome
@@ -296,6 +296,10 @@ class Arranger:
                 raise InputError(f"layer {layer.key!r}: click mode {layer.click or song_click!r} needs a tempo; "
                                  "pass bpm=..., or use click='none' to condition on the mix alone")
         self._prepare_experts([layer.instrument for layer in layers])
+        for layer in layers:
+            if layer.chords is not None and not self.expert(layer.instrument).lm.config.chord_classes:
+                raise InputError(f"layer {layer.key!r}: chords={layer.chords!r} is for an expert with a chord "
+                                 f"stream, and the {layer.instrument!r} expert has none; leave chords unset")
 
     def _song_click(self, click: ClickMode | None) -> ClickMode:
         click = click or self.click
@@ -499,7 +503,8 @@ class Arranger:
         return Layer(record.instrument, name=record.name, prompt=record.prompt if record.prompt_source == "user" else None,
                      seed=record.seed, gain_db=record.gain_db, candidates=record.candidates,
                      click=record.click_requested, params=record.sampling.params(), pick=record.picked,
-                     hears=None if record.hears_requested is None else tuple(record.hears_requested))
+                     hears=None if record.hears_requested is None else tuple(record.hears_requested),
+                     chords=record.chords_requested)
 
     def reproduce(self, manifest_path: str | os.PathLike, out: str | os.PathLike | None = None,
                   callback: ProgressCallback | None = None, wait: bool | float = False) -> Song:
@@ -604,9 +609,11 @@ class Arranger:
                 callback(Progress(layer.key, position[0], position[1], done, steps))
 
         on_step(0, 1)
+        chords = self._chord_source(layer, expert, m, index, hears, mode)
         result = render_stem(expert, heard, m.sample_rate, m.duration, prompt_text=prompt,
                              prompt_is_default=prompt_source == "default", candidates=layer.candidates,
-                             params=params, seed=seed, callback=on_step, plan=plan)
+                             params=params, seed=seed, callback=on_step, plan=plan,
+                             chords="heard" if chords == "heard" else None)
         for stage, seconds in result.timings.as_dict().items():
             setattr(timings, stage, getattr(timings, stage) + seconds)
 
@@ -624,9 +631,29 @@ class Arranger:
             click=mode, click_requested=layer.click, take=take,
             files=[candidate_file(layer.key, take, i) for i in range(layer.candidates)],
             conditioned_on=m.state_before(index, as_heard, hears), hears=hears,
-            hears_requested=None if layer.hears is None else list(layer.hears), window_plan=result.plan,
+            hears_requested=None if layer.hears is None else list(layer.hears), chords=chords,
+            chords_requested=layer.chords, window_plan=result.plan,
             timings=LayerTimings(**{k: round(v, 6) for k, v in timings.model_dump().items()}), created=now())
         return audio.astype(np.float32), record
+
+
+    def _chord_source(self, layer: Layer, expert: Expert, m: Manifest, index: int, hears: list[str] | None,
+                      click: ClickMode) -> ChordSource | None:
+        """Where the layer's chord stream takes its chords from (None: its expert has none): the
+        layer's own choice, else "heard" when it hears pitched material (the song's context audio,
+        or a layer of an instrument the registry does not mark unpitched), else "own"."""
+        if not expert.lm.config.chord_classes:
+            return None
+        if layer.chords is not None:
+            if layer.chords == "heard" and click == "click":
+                raise InputError(f"layer {layer.key!r}: chords='heard' needs a mix to hear them in, and it hears "
+                                 "the click alone; give it a context or earlier layers, or use chords='own'")
+            return layer.chords
+        if click == "click":
+            return "own"
+        earlier = [r for r in m.layers[:index] if hears is None or r.name in hears]
+        pitched = m.context is not None or any(self._registry_default(r.instrument, "pitched", True) for r in earlier)
+        return "heard" if pitched else "own"
 
 
 def _check_hears(layer: Layer, earlier: Sequence[str]) -> None:

@@ -60,7 +60,8 @@ class Job(BaseModel):
             else:
                 out.append(Layer(spec.instrument, name=spec.name, prompt=spec.prompt, seed=spec.seed,
                                  gain_db=spec.gain_db, candidates=spec.candidates, click=spec.click,
-                                 params=None if spec.sampling is None else spec.sampling.params(), pick=spec.pick))
+                                 params=None if spec.sampling is None else spec.sampling.params(), pick=spec.pick,
+                                 hears=spec.hears, chords=spec.chords))
         return out
 
     def arrange_kwargs(self) -> dict[str, Any]:

@@ -70,6 +70,7 @@ import numpy as np
 
 from .audio import click_track, write_audio
 from .errors import StageStackError
+from .layer import CHORD_SOURCES
 from .training.data import ChordSpan
 from .training.synth import SCALES, STEMS, Song, generate_song, parse_key
 
@@ -370,6 +371,10 @@ class EvalSettings:
     cfg_coef: float | None = None
     temperature: float | None = None
     top_k: int | None = None
+    chord_temperature: float | None = None  # experts with a chord stream only
+    # Where an expert with a chord stream takes its chords from (Layer.chords): None is what the
+    # Arranger does by default ("heard" over a song's stems, "own" from a click).
+    chords: str | None = None
     drums_in_context: bool = True  # also generate drums on the other stems (rhythmic F1)
     # The experts' weight format. fp32, not the Arranger's "auto", so that scores compare across
     # machines (auto is int8 on some CPUs and fp32 on others); quality.py --dtype auto scores what users get.
@@ -400,6 +405,12 @@ class EvalSettings:
             raise EvaluationError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise EvaluationError(f"top_k must be >= 0 (0 = sample from every code), got {self.top_k}")
+        if self.chords is not None and self.chords not in CHORD_SOURCES:
+            raise EvaluationError(f"chords must be one of {', '.join(CHORD_SOURCES)} (or None: the Arranger's "
+                                  f"default), got {self.chords!r}")
+        if self.chord_temperature is not None and self.chord_temperature < 0:
+            raise EvaluationError(f"chord_temperature must be >= 0 (0 = the likeliest chord), "
+                                  f"got {self.chord_temperature}")
 
 
 SOURCES = ("generated", "real", "real_coded")
@@ -426,6 +437,7 @@ class TaskResult:
     metric: str  # "beat F1" or "rhythmic F1"
     songs: list[SongScore] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)  # the SamplingParams generation used
+    chords: str | None = None  # an expert with a chord stream: where its chords came from (Layer.chords)
 
     def mean(self, metric: str, source: str = "generated") -> float | None:
         """Mean of `metric` ("f1" or "chord_tone_share") of `source` (one of SOURCES) over the songs."""
@@ -437,7 +449,7 @@ class TaskResult:
         means = {source: {metric: self.mean(metric, source) for metric in METRICS}
                  for source in SOURCES}
         return {"name": self.name, "instrument": self.instrument, "expert": self.expert, "context": self.context,
-                "metric": self.metric, "songs": len(self.songs), "sampling": self.sampling, "mean": means,
+                "metric": self.metric, "songs": len(self.songs), "sampling": self.sampling, "chords": self.chords, "mean": means,
                 "generation_seconds": round(sum(s.seconds for s in self.songs), 2)}
 
 
@@ -521,7 +533,8 @@ class EvalReport:
         for t in self.tasks:
             cells = [" | ".join(cell(t.mean(metric, source)) for source in SOURCES)
                      for metric in METRICS]
-            lines.append(f"| {t.name} | {t.context} | {len(t.songs)} | {t.metric} | {' | '.join(cells)} |")
+            context = t.context + (f" (chords {t.chords})" if t.chords else "")
+            lines.append(f"| {t.name} | {context} | {len(t.songs)} | {t.metric} | {' | '.join(cells)} |")
         lines.append("")
         for target in self.targets:
             verdict = {True: "met", False: "MISSED", None: "not run"}[target.met]
@@ -558,7 +571,8 @@ class _Protocol:
         self.progress = progress
         self.audio_dir = audio_dir
         self.overrides = {k: v for k, v in (("cfg_coef", settings.cfg_coef), ("temperature", settings.temperature),
-                                            ("top_k", settings.top_k)) if v is not None}
+                                            ("top_k", settings.top_k),
+                                            ("chord_temperature", settings.chord_temperature)) if v is not None}
         self._songs: dict[int, list[Song]] = {}
         self._references: dict[tuple, StemScore] = {}
 
@@ -617,7 +631,8 @@ class _Protocol:
         params = self.params_for(expert.metadata)
         result.sampling = asdict(params)
         for i, song in enumerate(songs):
-            layer = Layer(instrument, params=params, seed=song.metadata.seed)
+            layer = Layer(instrument, params=params, seed=song.metadata.seed,
+                          chords=self.settings.chords if expert.lm.config.chord_classes else None)
             start = time.perf_counter()
             if from_click:
                 arranged = arranger.arrange([layer], None, bpm=song.metadata.bpm, duration=self.settings.duration,
@@ -629,6 +644,7 @@ class _Protocol:
                                             seed=song.metadata.seed)
             audio = arranged.stems[instrument]
             seconds = time.perf_counter() - start
+            result.chords = arranged.manifest.layer(instrument).chords
             if self.audio_dir is not None:
                 write_audio(self.audio_dir / _slug(name) / f"song_{i:03d}_{song.metadata.bpm:g}bpm.wav",
                             np.clip(audio, -1, 1), expert.sample_rate)

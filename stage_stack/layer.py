@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from .inputs import MAX_CANDIDATES
 from .mixing import CLICK_MODES, ClickMode
 
 LAYER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # layer names become file names
+# Where an expert's chord stream takes its chords from: what the layer hears, or its own naming.
+ChordSource = Literal["heard", "own"]
+CHORD_SOURCES: tuple[str, ...] = get_args(ChordSource)
 RECORDED_AS = {"params": "sampling"}  # Layer field -> its LayerSpec field, where the two differ
 
 
@@ -37,6 +41,10 @@ class Layer:
     hears       the earlier layers this one hears, by name (default: what its expert was
                 trained to hear, `ExpertMetadata.hears`, else all of them); the song's own
                 context audio is always heard
+    chords      for an expert with a chord stream: "heard" gives it the chords heard in what
+                it hears (stage_stack.chord_recognition), "own" lets it name its own (default:
+                "heard" when the layer hears pitched material, the song's context audio or a
+                layer of a pitched instrument, else "own")
     """
 
     instrument: str
@@ -49,6 +57,7 @@ class Layer:
     params: SamplingParams | None = None
     pick: int = 0
     hears: tuple[str, ...] | None = None
+    chords: ChordSource | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.instrument, str) or not self.instrument:
@@ -78,6 +87,9 @@ class Layer:
             object.__setattr__(self, "hears", tuple(self.hears))
         if self.click is not None and self.click not in CLICK_MODES:
             raise InputError(f"layer {self.key!r}: click must be one of {', '.join(CLICK_MODES)}, got {self.click!r}")
+        if self.chords is not None and self.chords not in CHORD_SOURCES:
+            raise InputError(f"layer {self.key!r}: chords must be one of {', '.join(CHORD_SOURCES)} (or None for "
+                             f"the default), got {self.chords!r}")
 
     @property
     def key(self) -> str:

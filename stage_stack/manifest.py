@@ -26,6 +26,7 @@ from .atomic import atomic_write_text
 from .confined import RelativePath
 from .errors import ArrangementError
 from .generation import SamplingParams
+from .layer import ChordSource
 from .longform import WindowPlan
 from .mixing import ClickMode, LimiterSettings
 
@@ -47,11 +48,12 @@ class SamplingRecord(_Model):
     top_k: int = 250
     top_p: float = 0.0
     greedy: bool = False
+    chord_temperature: float | None = None  # an expert with a chord stream; None: `temperature`
 
     @classmethod
     def of(cls, params: SamplingParams) -> "SamplingRecord":
         return cls(cfg_coef=params.cfg_coef, temperature=params.temperature, top_k=params.top_k,
-                   top_p=params.top_p, greedy=params.greedy)
+                   top_p=params.top_p, greedy=params.greedy, chord_temperature=params.chord_temperature)
 
     def params(self) -> SamplingParams:
         return SamplingParams(**self.model_dump())
@@ -111,14 +113,15 @@ class LayerTimings(_Model):
     generate_s: float = 0.0
     decode_s: float = 0.0
     stitch_s: float = 0.0
+    chords_s: float = 0.0  # hearing the context's chords (Layer.chords "heard")
     mix_s: float = 0.0
     load_s: float = 0.0
     total_s: float = 0.0
 
     @property
     def overhead_s(self) -> float:
-        """Per-layer work that is not the LM: encode + mix + resample + decode (+ stitching)."""
-        return self.resample_s + self.encode_s + self.decode_s + self.stitch_s + self.mix_s
+        """Per-layer work that is not the LM: encode + mix + resample + decode (+ stitching, chords)."""
+        return self.resample_s + self.encode_s + self.decode_s + self.stitch_s + self.chords_s + self.mix_s
 
 
 def _check_layer_name(value: str) -> str:
@@ -176,6 +179,8 @@ class LayerRecord(_Model):
     conditioned_on: dict[str, str]  # {earlier layer: "take.picked gain dB"} at generation time
     hears: list[LayerName] | None = None  # the earlier layers it heard (None: all of them)
     hears_requested: list[LayerName] | None = None  # the layer's own setting, None = its expert's default
+    chords: ChordSource | None = None  # where its chord stream's chords came from (None: it has none)
+    chords_requested: ChordSource | None = None  # the layer's own setting, None = the default
     window_plan: WindowPlan
     timings: LayerTimings
     created: dt.datetime

@@ -16,15 +16,16 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 
 from .audio import resample
+from .chord_recognition import recognize_chords
 from .expert import Expert
 from .generation import SamplingParams, generate, generation_steps
-from .layout import audio_codes, with_chord_row
+from .layout import UNFILLED, audio_codes, with_chord_row
 from .longform import WindowPlan, expert_window_seconds, plan_windows, stitch
 from .machine import decode_threads
 from .models.quant import weight_count
@@ -41,6 +42,7 @@ class StageTimings:
     generate_s: float = 0.0
     decode_s: float = 0.0
     stitch_s: float = 0.0
+    chords_s: float = 0.0  # hearing the context's chords (chords="heard")
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
@@ -122,11 +124,15 @@ def _render_stem(
     seed: int = 0,
     callback: ProgressCallback | None = None,
     plan: WindowPlan | None = None,
+    chords: np.ndarray | Literal["heard"] | None = None,
 ) -> StemResult:
     """Generate `candidates` stems of `duration` seconds conditioned on `context_audio` (see module doc).
 
     `context_audio` None means no context at all (an empty prefix). All windows draw from one
-    generator seeded with `seed`, so the result is a function of the inputs alone.
+    generator seeded with `seed`, so the result is a function of the inputs alone. `chords`
+    (an expert with a chord stream): one chord class per frame of the plan (stage_stack.chords;
+    UNFILLED where the expert names its own), given to the chord stream instead of drawn by it,
+    or "heard": those `recognize_chords` hears in the context.
     """
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
@@ -141,6 +147,15 @@ def _render_stem(
         start = time.perf_counter()
         context = resample(np.asarray(context_audio, dtype=np.float32), sample_rate, expert.sample_rate)
         timings.resample_s += time.perf_counter() - start
+    if isinstance(chords, str):
+        if chords != "heard":
+            raise ValueError(f"chords must be 'heard', an array of chord classes or None, got {chords!r}")
+        if context is None:
+            raise ValueError("chords='heard' needs a context to hear them in")
+        start = time.perf_counter()
+        chords = recognize_chords(context, expert.sample_rate, hop, plan.total_frames)
+        timings.chords_s += time.perf_counter() - start
+    given_chords = _chord_row(expert, chords, plan.total_frames, candidates)
 
     text = text_memory_for(expert, prompt_text, explicit=not prompt_is_default)
     device = expert.device
@@ -172,8 +187,10 @@ def _render_stem(
                 callback(offset + done, total_steps)
 
         start = time.perf_counter()
+        given = None if given_chords is None else given_chords[:1 if num_samples > 1 else candidates, :,
+                                                               window.start_frame: window.end_frame]
         out = generate(expert.lm, rows_context, window.n_frames, text_memory=rows_text, prompt=prompt,
-                       num_samples=num_samples, params=params, generator=generator, callback=on_step)
+                       num_samples=num_samples, params=params, generator=generator, callback=on_step, given=given)
         timings.generate_s += time.perf_counter() - start
         steps_before += generation_steps(window.n_frames, streams) - window.prompt_frames
         codes[:, :, window.start_frame: window.end_frame] = out
@@ -186,6 +203,24 @@ def _render_stem(
     audio = stitch(plan, pieces)
     timings.stitch_s += time.perf_counter() - start
     return StemResult(audio=audio, plan=plan, codes=codes.cpu(), timings=timings)
+
+
+def _chord_row(expert: Expert, chords: np.ndarray | None, frames: int, candidates: int) -> torch.Tensor | None:
+    """`chords` [frames] as `generate`'s `given` over the whole plan: [candidates, streams, frames]."""
+    if chords is None:
+        return None
+    config = expert.lm.config
+    if not config.chord_classes:
+        raise ValueError(f"chords were given, but the {expert.instrument!r} expert has no chord stream to take them")
+    chords = np.asarray(chords)
+    if chords.shape != (frames,):
+        raise ValueError(f"chords has shape {chords.shape}, expected ({frames},): one chord class per frame")
+    if chords.min(initial=0) < UNFILLED or chords.max(initial=0) >= config.chord_classes:
+        raise ValueError(f"chord classes are 0..{config.chord_classes - 1} (or {UNFILLED}: the expert's own), "
+                         f"got {chords.min()}..{chords.max()}")
+    given = torch.full((candidates, config.streams, frames), UNFILLED, dtype=torch.long, device=expert.device)
+    given[:, 0] = torch.from_numpy(chords.astype(np.int64)).to(expert.device)
+    return given
 
 
 def generate_stem(

@@ -176,6 +176,9 @@ class Instrument(BaseModel):
     default_prompt: str = ""  # the text prompt used when the user gives none (text-conditioned experts)
     default_gain_db: float = Field(0.0, ge=-60.0, le=12.0)  # mix gain applied to this stem by default
     chain_position: int = 100  # suggested order in a chain: lower goes first (drums 10, bass 20, ...)
+    # Whether its stem carries pitch: a later layer whose expert names chords hears them in the
+    # pitched layers only (Layer.chords; drums: False).
+    pitched: bool = True
     license: str = "unknown"  # of the expert weights; the expert's own metadata wins once installed
     sources: tuple[ExpertSource, ...] = ()
     plugin: str = ""  # filled in by the registry: the plugin that registered it
@@ -194,6 +197,7 @@ class InstrumentConfig(BaseModel):
     default_prompt: str | None = None
     default_gain_db: float | None = Field(None, ge=-60.0, le=12.0)
     chain_position: int | None = None
+    pitched: bool | None = None
     license: str | None = None
 
     @property
@@ -599,7 +603,7 @@ class Registry:
     @staticmethod
     def _apply_config(instrument: Instrument, entry: InstrumentConfig) -> Instrument:
         update = {key: getattr(entry, key) for key in
-                  ("description", "default_prompt", "default_gain_db", "chain_position", "license")
+                  ("description", "default_prompt", "default_gain_db", "chain_position", "pitched", "license")
                   if getattr(entry, key) is not None}
         if entry.sources is not None:
             update["sources"] = tuple(entry.sources)

@@ -332,6 +332,10 @@ def test_sampling_settings_reach_the_generation_params():
         EvalSettings(temperature=0)
     with pytest.raises(EvaluationError, match="top_k must be >= 0"):
         EvalSettings(top_k=-1)
+    chords = _Protocol(EvalSettings(chord_temperature=1.0), None, None).params_for(own)
+    assert (chords.temperature, chords.chord_temperature) == (0.5, 1.0)
+    with pytest.raises(EvaluationError, match="chord_temperature must be >= 0"):
+        EvalSettings(chord_temperature=-0.5)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..inputs import BPM_RANGE, MAX_AUDIO_SECONDS, MAX_CANDIDATES
+from ..layer import ChordSource
 from ..mixing import CLICK_MODES
 
 # Song and layer names become directory and file names: no separators, no leading dot.
@@ -59,6 +60,8 @@ class NewLayer(_Request):
     sampling: Sampling = Sampling()
     # the earlier layers it hears (None: what its expert was trained to hear, else all of them)
     hears: Annotated[list[Name], Field(max_length=64)] | None = None
+    # an expert with a chord stream: its chords heard in what it hears, or its own (None: the default)
+    chords: ChordSource | None = None
 
 
 class Redo(_Request):

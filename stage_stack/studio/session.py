@@ -112,6 +112,7 @@ class Studio:
                 "candidates": [self._url(name, m, rel) for rel in layer.files], "gain_db": layer.gain_db,
                 "seed": layer.seed, "prompt": layer.prompt, "click": layer.click, "stale": layer.name in stale,
                 "hears": layer.hears,
+                "chords": layer.chords,
                 "stem": self._url(name, m, f"stems/{layer.name}.wav"),
                 "sampling": {"temperature": layer.sampling.temperature, "top_k": layer.sampling.top_k,
                              "cfg": layer.sampling.cfg_coef},
@@ -209,7 +210,7 @@ class Studio:
         layer = Layer(request.instrument, name=request.name, prompt=request.prompt or None, seed=request.seed,
                       gain_db=request.gain_db, candidates=request.candidates, click=request.click,
                       params=SamplingParams(**given) if given else None,  # None: the expert's own
-                      hears=None if request.hears is None else tuple(request.hears))
+                      hears=None if request.hears is None else tuple(request.hears), chords=request.chords)
         m = Manifest.load(directory / MANIFEST_NAME)
         # the checks `Arranger.add` runs first (unknown instrument, taken name), now rather than in the job
         self.arranger._check([layer], m.layer_names, m.bpm, m.click)

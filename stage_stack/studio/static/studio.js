@@ -182,7 +182,8 @@ function renderLane(lane) {
     const l = lane.layer;
     el.querySelector(".lane-meta").textContent =
       `${l.instrument !== l.name ? l.instrument + ", " : ""}take ${l.take}, seed ${l.seed}${l.prompt ? `, “${l.prompt}”` : ""}` +
-      (l.hears ? `, hears ${l.hears.length ? l.hears.join(" + ") : "no layer"}` : "");
+      (l.hears ? `, hears ${l.hears.length ? l.hears.join(" + ") : "no layer"}` : "") +
+      (l.chords ? `, chords ${l.chords === "heard" ? "heard in the mix" : "its own"}` : "");
     if (l.stale) {
       const badge = document.createElement("span");
       badge.className = "badge stale";
@@ -510,6 +511,7 @@ async function addLayer(event) {
   if (f.seed.value !== "") body.seed = Number(f.seed.value);
   if (f.prompt.value) body.prompt = f.prompt.value;
   if (f.click.value) body.click = f.click.value;
+  if (f.chords.value) body.chords = f.chords.value;
   const hears = f.hears.value.trim();
   if (hears === "-") body.hears = [];  // no earlier layer: an empty field already means the default
   else if (hears) body.hears = hears.split(",").map((n) => n.trim()).filter((n) => n);
