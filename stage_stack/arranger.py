@@ -636,7 +636,6 @@ class Arranger:
             timings=LayerTimings(**{k: round(v, 6) for k, v in timings.model_dump().items()}), created=now())
         return audio.astype(np.float32), record
 
-
     def _chord_source(self, layer: Layer, expert: Expert, m: Manifest, index: int, hears: list[str] | None,
                       click: ClickMode) -> ChordSource | None:
         """Where the layer's chord stream takes its chords from (None: its expert has none): the

@@ -70,7 +70,7 @@ import numpy as np
 
 from .audio import click_track, write_audio
 from .errors import StageStackError
-from .layer import CHORD_SOURCES
+from .layer import CHORD_SOURCES, ChordSource
 from .training.data import ChordSpan
 from .training.synth import SCALES, STEMS, Song, generate_song, parse_key
 
@@ -374,7 +374,7 @@ class EvalSettings:
     chord_temperature: float | None = None  # experts with a chord stream only
     # Where an expert with a chord stream takes its chords from (Layer.chords): None is what the
     # Arranger does by default ("heard" over a song's stems, "own" from a click).
-    chords: str | None = None
+    chords: ChordSource | None = None
     drums_in_context: bool = True  # also generate drums on the other stems (rhythmic F1)
     # The experts' weight format. fp32, not the Arranger's "auto", so that scores compare across
     # machines (auto is int8 on some CPUs and fp32 on others); quality.py --dtype auto scores what users get.
@@ -437,7 +437,7 @@ class TaskResult:
     metric: str  # "beat F1" or "rhythmic F1"
     songs: list[SongScore] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)  # the SamplingParams generation used
-    chords: str | None = None  # an expert with a chord stream: where its chords came from (Layer.chords)
+    chords: ChordSource | None = None  # an expert with a chord stream: where its chords came from (Layer.chords)
 
     def mean(self, metric: str, source: str = "generated") -> float | None:
         """Mean of `metric` ("f1" or "chord_tone_share") of `source` (one of SOURCES) over the songs."""
@@ -449,7 +449,8 @@ class TaskResult:
         means = {source: {metric: self.mean(metric, source) for metric in METRICS}
                  for source in SOURCES}
         return {"name": self.name, "instrument": self.instrument, "expert": self.expert, "context": self.context,
-                "metric": self.metric, "songs": len(self.songs), "sampling": self.sampling, "chords": self.chords, "mean": means,
+                "metric": self.metric, "songs": len(self.songs), "sampling": self.sampling, "chords": self.chords,
+                "mean": means,
                 "generation_seconds": round(sum(s.seconds for s in self.songs), 2)}
 
 
