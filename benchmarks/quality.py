@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chords", choices=("heard", "own"), default=None,
                         help="an expert with a chord stream is given the chords heard in its context, or names its "
                              "own (default: what the Arranger does: heard over the song's stems)")
+    parser.add_argument("--beats", choices=("heard", "own"), default=None,
+                        help="the drums in context hear a click on the beats heard in the stems, or the stems "
+                             "(default: what the Arranger does: heard)")
     for name in ("drums", "bass", "keys"):
         parser.add_argument(f"--{name}", type=Path, default=None,
                             help=f"{name} expert (default: the bundled {WEIGHTS_DIR.name}/{name}.safetensors)")
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             duration=args.duration or (QUICK["duration"] if args.quick else 10.0),
             seed_base=args.seed_base, trim_seconds=args.trim, cfg_coef=args.cfg,
             temperature=args.temperature, top_k=args.top_k, chord_temperature=args.chord_temperature,
-            chords=args.chords,
+            chords=args.chords, beats=args.beats,
             context_source=args.context_source, context_stems=args.context_stems,
             drums_in_context=not args.no_drums_in_context, dtype=args.dtype,
         )

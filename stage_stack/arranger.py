@@ -46,7 +46,8 @@ from .errors import InputError, IntegrityError
 from .expert import Expert, load_expert, read_metadata, sha256_file
 from .inputs import (DEFAULT_BPM, ContextAudio, check_bpm, check_duration, check_layers, check_sample_rate,
                      load_context)
-from .layer import ChordSource, Layer
+from .beat_tracking import DEFAULT_BEAT_TRACKER, load_beat_tracker, track_beats
+from .layer import BeatSource, ChordSource, Layer
 from .manifest import (ArrangeRequest, ContextRecord, ExpertRecord, LayerRecord, LayerTimings, LimiterRecord, Manifest,
                        RegistryRecord, SamplingRecord, now, parse_state)
 from .mixing import CLICK_GAIN_DB, CLICK_MODES, ClickMode, LimiterSettings, conditioning_audio, fit_length, metronome
@@ -56,11 +57,14 @@ from .placement import (DeviceInventory, DeviceMap, ExpertPool, check_device_map
 from .song import Song
 
 if TYPE_CHECKING:
+    from .models.beat_tracker import BeatTracker
     from .registry import Registry
 
 __all__ = ["Arranger", "ArrangePlan", "Layer", "Progress", "ProgressCallback", "Song"]
 
 DEFAULT_DURATION = 10.0  # seconds, when neither a duration nor a context is given
+# A layer hears beats in a mix of at least this long (two bars at the slowest tempo a beat grid has).
+MIN_BEAT_SECONDS = 4.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class Arranger:
     sample_rate the songs' rate; None = the context's rate, else the highest expert rate
     limiter     the mix-bus limiter (stage_stack.mixing)
     overlap_seconds, crossfade_seconds   long-form windows (stage_stack.longform defaults)
+    beat_tracker the beat tracker file for `Layer.beats` "heard" (default: the bundled one)
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class Arranger:
         overlap_seconds: float | None = None,
         crossfade_seconds: float | None = None,
         inventory: DeviceInventory | None = None,
+        beat_tracker: str | os.PathLike | None = None,
     ) -> None:
         if click is not None and click not in CLICK_MODES:
             raise InputError(f"click must be one of {', '.join(CLICK_MODES)}, got {click!r}")
@@ -150,6 +156,8 @@ class Arranger:
         self._expected_sha: dict[str, str] = {}  # instrument -> sha256 an expert file must have
         self._records: dict[str, ExpertRecord] = {}
         self._pool = ExpertPool({}, {}, {}, self._load, self.max_memory)
+        self.beat_tracker_path = None if beat_tracker is None else Path(beat_tracker)
+        self._beat_tracker: "BeatTracker | None" = None
 
     @classmethod
     def from_registry(cls, user_file: str | os.PathLike | None = None, overrides: dict | None = None,
@@ -504,7 +512,7 @@ class Arranger:
                      seed=record.seed, gain_db=record.gain_db, candidates=record.candidates,
                      click=record.click_requested, params=record.sampling.params(), pick=record.picked,
                      hears=None if record.hears_requested is None else tuple(record.hears_requested),
-                     chords=record.chords_requested)
+                     chords=record.chords_requested, beats=record.beats_requested)
 
     def reproduce(self, manifest_path: str | os.PathLike, out: str | os.PathLike | None = None,
                   callback: ProgressCallback | None = None, wait: bool | float = False) -> Song:
@@ -595,9 +603,19 @@ class Arranger:
         mix_is_empty = m.context is None and (index == 0 or hears == [])
         requested = layer.click or m.click
         mode: ClickMode = "click" if mix_is_empty else requested
-        click = metronome(m.bpm, m.samples, m.sample_rate) if mode != "none" else None
+        beats = self._beat_source(layer, m, index, hears, mode)
+        heard_bpm = None
+        if beats == "heard":  # a click on the beats heard in the mix, instead of the mix
+            timings.mix_s = time.perf_counter() - start
+            start = time.perf_counter()
+            grid = track_beats(self.beat_tracker(), mix, m.sample_rate)
+            heard_bpm, mode, click = round(grid.bpm, 3), "click", grid.click(m.sample_rate, m.samples)
+            timings.beats_s = time.perf_counter() - start
+            start = time.perf_counter()
+        else:
+            click = metronome(m.bpm, m.samples, m.sample_rate) if mode != "none" else None
         heard = conditioning_audio(mix, click, mode, m.sample_rate, m.limiter.settings())
-        timings.mix_s = time.perf_counter() - start
+        timings.mix_s += time.perf_counter() - start
 
         prompt, prompt_source = self._prompt(layer, expert)
         seed = layer.seed if layer.seed is not None else m.seed + index
@@ -632,9 +650,40 @@ class Arranger:
             files=[candidate_file(layer.key, take, i) for i in range(layer.candidates)],
             conditioned_on=m.state_before(index, as_heard, hears), hears=hears,
             hears_requested=None if layer.hears is None else list(layer.hears), chords=chords,
-            chords_requested=layer.chords, window_plan=result.plan,
+            chords_requested=layer.chords, beats=beats, beats_requested=layer.beats, heard_bpm=heard_bpm,
+            window_plan=result.plan,
             timings=LayerTimings(**{k: round(v, 6) for k, v in timings.model_dump().items()}), created=now())
         return audio.astype(np.float32), record
+
+    def beat_tracker(self) -> "BeatTracker":
+        """The beat tracker layers hear beats with (`Layer.beats`), loaded on first use."""
+        if self._beat_tracker is None:
+            self._beat_tracker = load_beat_tracker(self.beat_tracker_path)
+        return self._beat_tracker
+
+    def _beat_source(self, layer: Layer, m: Manifest, index: int, hears: list[str] | None,
+                     click: ClickMode) -> BeatSource:
+        """Whether the layer hears a click on the beats heard in its mix instead of the mix: its
+        own choice, else "heard" for an instrument the registry marks unpitched (the drums) that
+        would hear pitched material alone (click mode "none") for long enough to hear a tempo."""
+        pitched_mix = m.context is not None or any(
+            self._registry_default(r.instrument, "pitched", True)
+            for r in m.layers[:index] if hears is None or r.name in hears)
+        if layer.beats is not None:
+            if layer.beats == "heard" and (click != "none" or not pitched_mix):
+                raise InputError(f"layer {layer.key!r}: beats='heard' replaces the mix it hears with a click on the "
+                                 "beats heard there, so it needs a mix with pitched material and click mode 'none'"
+                                 f" (it hears {'the click' if click != 'none' else 'no pitched layer'}); use "
+                                 "beats='own', or a click mode of 'none'")
+            if layer.beats == "heard" and m.duration < MIN_BEAT_SECONDS:
+                raise InputError(f"layer {layer.key!r}: beats='heard' needs at least {MIN_BEAT_SECONDS:g} s to hear a "
+                                 f"tempo in, the song has {m.duration:g} s; use beats='own'")
+            return layer.beats
+        unpitched = not self._registry_default(layer.instrument, "pitched", True)
+        heard = unpitched and click == "none" and pitched_mix and m.duration >= MIN_BEAT_SECONDS
+        # an install without the bundled tracker keeps the mix (`stage-stack doctor` warns)
+        tracker = self.beat_tracker_path or DEFAULT_BEAT_TRACKER
+        return "heard" if heard and (self._beat_tracker is not None or tracker.is_file()) else "own"
 
     def _chord_source(self, layer: Layer, expert: Expert, m: Manifest, index: int, hears: list[str] | None,
                       click: ClickMode) -> ChordSource | None:

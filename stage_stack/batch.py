@@ -61,7 +61,7 @@ class Job(BaseModel):
                 out.append(Layer(spec.instrument, name=spec.name, prompt=spec.prompt, seed=spec.seed,
                                  gain_db=spec.gain_db, candidates=spec.candidates, click=spec.click,
                                  params=None if spec.sampling is None else spec.sampling.params(), pick=spec.pick,
-                                 hears=spec.hears, chords=spec.chords))
+                                 hears=spec.hears, chords=spec.chords, beats=spec.beats))
         return out
 
     def arrange_kwargs(self) -> dict[str, Any]:

@@ -70,7 +70,7 @@ import numpy as np
 
 from .audio import click_track, write_audio
 from .errors import StageStackError
-from .layer import CHORD_SOURCES, ChordSource
+from .layer import BEAT_SOURCES, CHORD_SOURCES, BeatSource, ChordSource
 from .training.data import ChordSpan
 from .training.synth import SCALES, STEMS, Song, generate_song, parse_key
 
@@ -375,6 +375,9 @@ class EvalSettings:
     # Where an expert with a chord stream takes its chords from (Layer.chords): None is what the
     # Arranger does by default ("heard" over a song's stems, "own" from a click).
     chords: ChordSource | None = None
+    # Whether the drums hear a click on the beats heard in the song's stems instead of the stems
+    # (Layer.beats); None: what the Arranger does by default with the installed registry.
+    beats: BeatSource | None = None
     drums_in_context: bool = True  # also generate drums on the other stems (rhythmic F1)
     # The experts' weight format. fp32, not the Arranger's "auto", so that scores compare across
     # machines (auto is int8 on some CPUs and fp32 on others); quality.py --dtype auto scores what users get.
@@ -405,6 +408,9 @@ class EvalSettings:
             raise EvaluationError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise EvaluationError(f"top_k must be >= 0 (0 = sample from every code), got {self.top_k}")
+        if self.beats is not None and self.beats not in BEAT_SOURCES:
+            raise EvaluationError(f"beats must be one of {', '.join(BEAT_SOURCES)} (or None: the Arranger's "
+                                  f"default), got {self.beats!r}")
         if self.chords is not None and self.chords not in CHORD_SOURCES:
             raise EvaluationError(f"chords must be one of {', '.join(CHORD_SOURCES)} (or None: the Arranger's "
                                   f"default), got {self.chords!r}")
@@ -438,6 +444,7 @@ class TaskResult:
     songs: list[SongScore] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)  # the SamplingParams generation used
     chords: ChordSource | None = None  # an expert with a chord stream: where its chords came from (Layer.chords)
+    beats: BeatSource | None = None  # whether it heard a click on the beats heard in the stems (Layer.beats)
 
     def mean(self, metric: str, source: str = "generated") -> float | None:
         """Mean of `metric` ("f1" or "chord_tone_share") of `source` (one of SOURCES) over the songs."""
@@ -450,7 +457,7 @@ class TaskResult:
                  for source in SOURCES}
         return {"name": self.name, "instrument": self.instrument, "expert": self.expert, "context": self.context,
                 "metric": self.metric, "songs": len(self.songs), "sampling": self.sampling, "chords": self.chords,
-                "mean": means,
+                "beats": self.beats, "mean": means,
                 "generation_seconds": round(sum(s.seconds for s in self.songs), 2)}
 
 
@@ -534,7 +541,8 @@ class EvalReport:
         for t in self.tasks:
             cells = [" | ".join(cell(t.mean(metric, source)) for source in SOURCES)
                      for metric in METRICS]
-            context = t.context + (f" (chords {t.chords})" if t.chords else "")
+            context = t.context + (f" (chords {t.chords})" if t.chords else "") + \
+                (" (beats heard: a click)" if t.beats == "heard" else "")
             lines.append(f"| {t.name} | {context} | {len(t.songs)} | {t.metric} | {' | '.join(cells)} |")
         lines.append("")
         for target in self.targets:
@@ -610,7 +618,9 @@ class _Protocol:
         from .arranger import Arranger, Layer
 
         instrument = expert.instrument
-        arranger = Arranger(experts={instrument: expert}, device_map=str(expert.device))
+        # the installed registry says which instruments are pitched (Layer.chords, Layer.beats)
+        arranger = Arranger(experts={instrument: expert}, registry=_installed_registry(),
+                            device_map=str(expert.device))
         songs = self.songs(expert.sample_rate)
         stems = self.settings.context_stems
         if stems is None and expert.metadata.hears:
@@ -633,7 +643,8 @@ class _Protocol:
         result.sampling = asdict(params)
         for i, song in enumerate(songs):
             layer = Layer(instrument, params=params, seed=song.metadata.seed,
-                          chords=self.settings.chords if expert.lm.config.chord_classes else None)
+                          chords=self.settings.chords if expert.lm.config.chord_classes else None,
+                          beats=None if from_click else self.settings.beats)
             start = time.perf_counter()
             if from_click:
                 arranged = arranger.arrange([layer], None, bpm=song.metadata.bpm, duration=self.settings.duration,
@@ -645,7 +656,8 @@ class _Protocol:
                                             seed=song.metadata.seed)
             audio = arranged.stems[instrument]
             seconds = time.perf_counter() - start
-            result.chords = arranged.manifest.layer(instrument).chords
+            record = arranged.manifest.layer(instrument)
+            result.chords, result.beats = record.chords, record.beats
             if self.audio_dir is not None:
                 write_audio(self.audio_dir / _slug(name) / f"song_{i:03d}_{song.metadata.bpm:g}bpm.wav",
                             np.clip(audio, -1, 1), expert.sample_rate)
@@ -656,6 +668,16 @@ class _Protocol:
             if self.progress is not None:
                 self.progress(name, i + 1, len(songs))
         return result
+
+
+def _installed_registry():
+    """The registry as installed (its instruments' `pitched`), or None where it cannot be read."""
+    from .registry import Registry
+
+    try:
+        return Registry.load()
+    except StageStackError:
+        return None
 
 
 def codec_round_trip(expert, audio: np.ndarray) -> np.ndarray:

@@ -22,6 +22,9 @@ LAYER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # layer names bec
 # Where an expert's chord stream takes its chords from: what the layer hears, or its own naming.
 ChordSource = Literal["heard", "own"]
 CHORD_SOURCES: tuple[str, ...] = get_args(ChordSource)
+# What gives a layer its beat: a click on the beats heard in its mix, or the mix itself.
+BeatSource = Literal["heard", "own"]
+BEAT_SOURCES: tuple[str, ...] = get_args(BeatSource)
 RECORDED_AS = {"params": "sampling"}  # Layer field -> its LayerSpec field, where the two differ
 
 
@@ -45,6 +48,10 @@ class Layer:
                 it hears (stage_stack.chord_recognition), "own" lets it name its own (default:
                 "heard" when the layer hears pitched material, the song's context audio or a
                 layer of a pitched instrument, else "own")
+    beats       for a layer that would hear the mix alone: "heard" makes it hear a click on the
+                beats heard in that mix instead (stage_stack.beat_tracking), "own" the mix
+                (default: "heard" for an instrument the registry marks unpitched, the drums,
+                over pitched material, else "own")
     """
 
     instrument: str
@@ -58,6 +65,7 @@ class Layer:
     pick: int = 0
     hears: tuple[str, ...] | None = None
     chords: ChordSource | None = None
+    beats: BeatSource | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.instrument, str) or not self.instrument:
@@ -87,6 +95,9 @@ class Layer:
             object.__setattr__(self, "hears", tuple(self.hears))
         if self.click is not None and self.click not in CLICK_MODES:
             raise InputError(f"layer {self.key!r}: click must be one of {', '.join(CLICK_MODES)}, got {self.click!r}")
+        if self.beats is not None and self.beats not in BEAT_SOURCES:
+            raise InputError(f"layer {self.key!r}: beats must be one of {', '.join(BEAT_SOURCES)} (or None for "
+                             f"the default), got {self.beats!r}")
         if self.chords is not None and self.chords not in CHORD_SOURCES:
             raise InputError(f"layer {self.key!r}: chords must be one of {', '.join(CHORD_SOURCES)} (or None for "
                              f"the default), got {self.chords!r}")

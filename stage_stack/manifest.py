@@ -26,7 +26,7 @@ from .atomic import atomic_write_text
 from .confined import RelativePath
 from .errors import ArrangementError
 from .generation import SamplingParams
-from .layer import ChordSource
+from .layer import BeatSource, ChordSource
 from .longform import WindowPlan
 from .mixing import ClickMode, LimiterSettings
 
@@ -114,14 +114,15 @@ class LayerTimings(_Model):
     decode_s: float = 0.0
     stitch_s: float = 0.0
     chords_s: float = 0.0  # hearing the context's chords (Layer.chords "heard")
+    beats_s: float = 0.0  # hearing the mix's beats (Layer.beats "heard")
     mix_s: float = 0.0
     load_s: float = 0.0
     total_s: float = 0.0
 
     @property
     def overhead_s(self) -> float:
-        """Per-layer work that is not the LM: encode + mix + resample + decode (+ stitching, chords)."""
-        return self.resample_s + self.encode_s + self.decode_s + self.stitch_s + self.chords_s + self.mix_s
+        """Per-layer work that is not the LM: encode + mix + resample + decode (+ stitching, chords, beats)."""
+        return self.resample_s + self.encode_s + self.decode_s + self.stitch_s + self.chords_s + self.beats_s + self.mix_s
 
 
 def _check_layer_name(value: str) -> str:
@@ -181,6 +182,9 @@ class LayerRecord(_Model):
     hears_requested: list[LayerName] | None = None  # the layer's own setting, None = its expert's default
     chords: ChordSource | None = None  # where its chord stream's chords came from (None: it has none)
     chords_requested: ChordSource | None = None  # the layer's own setting, None = the default
+    beats: BeatSource | None = None  # "heard": it heard a click on the beats heard in its mix (None: older)
+    beats_requested: BeatSource | None = None  # the layer's own setting, None = the default
+    heard_bpm: float | None = None  # the tempo of the beats it heard (beats "heard")
     window_plan: WindowPlan
     timings: LayerTimings
     created: dt.datetime

@@ -237,7 +237,7 @@ def _hears_of(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
 
 def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tuple[str, ...],
                   prompts: tuple[str, ...], gains: tuple[str, ...], click_mode: str | None, sampling=None,
-                  hears: tuple[str, ...] = (), chords: tuple[str, ...] = ()):
+                  hears: tuple[str, ...] = (), chords: tuple[str, ...] = (), beats: tuple[str, ...] = ()):
     from ..layer import Layer
 
     pairs = [entry for item in instruments for entry in parse_layers(item)] + parse_layers(add or "")
@@ -247,6 +247,7 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
     gain_of = {k: _float(v, "--gain") for k, v in _pairs(gains, "LAYER=DB", "bass=-3").items()}
     hears_of = _hears_of(hears)
     chords_of = _pairs(chords, "LAYER=heard|own", "keys=own")
+    beats_of = _pairs(beats, "LAYER=heard|own", "drums=own")
     default_candidates, candidates_of = 1, {}
     for value in candidates:
         if "=" in value:
@@ -262,10 +263,11 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
         except ValueError:
             raise click.BadParameter(f"--candidates for {key!r} must be an integer") from None
         layers.append(Layer(instrument, name=name, prompt=prompt_of.get(key), gain_db=gain_of.get(key), candidates=n,
-                            click=click_mode, params=sampling, hears=hears_of.get(key), chords=chords_of.get(key)))
+                            click=click_mode, params=sampling, hears=hears_of.get(key), chords=chords_of.get(key),
+                            beats=beats_of.get(key)))
     known = {layer.key for layer in layers}
     for option, values in (("--prompt", prompt_of), ("--gain", gain_of), ("--candidates", candidates_of),
-                           ("--hears", hears_of), ("--chords", chords_of)):
+                           ("--hears", hears_of), ("--chords", chords_of), ("--beats", beats_of)):
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{option} names layer(s) {', '.join(unknown)} that are not arranged; "
@@ -295,6 +297,9 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @click.option("--chords", "chords", multiple=True, metavar="LAYER=heard|own",
               help="Where a chord-stream expert's chords come from: heard in what it hears, or its own. Default: "
                    "heard when it hears a context or a pitched layer, else its own.")
+@click.option("--beats", "beats", multiple=True, metavar="LAYER=heard|own",
+              help="Whether a layer hears a click on the beats heard in its mix instead of the mix. Default: "
+                   "heard for an unpitched instrument (the drums) over pitched material, else own.")
 @click.option("--sample-rate", type=int, help="The song's rate (4000-384000 Hz). Default: the context's, else the experts'.")
 @click.option("--from", "from_manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="Reproduce the arrangement this manifest.json describes.")
@@ -305,23 +310,25 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @sampling_options
 @click.pass_context
 def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, hears,
-            chords, sample_rate, from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force, sampling):
+            chords, beats, sample_rate, from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force, sampling):
     """Generate an arrangement layer by layer into OUT (manifest.json, stems/, mix.wav)."""
     bars = ProgressBars(quiet)
     with user_errors(), song_lock(out, wait):
         arranger = make_arranger(ctx, experts, device_map, max_memory, dtype, sample_rate=sample_rate)
         if from_manifest is not None:
-            if instruments or add or context or sampling or hears or chords:
+            if instruments or add or context or sampling or hears or chords or beats:
                 raise InputError("--from reproduces a manifest as it is; leave out layers, --context and the "
                                  "sampling options")
             song = arranger.reproduce(from_manifest, out=out, callback=bars, wait=wait)
             return _finish(song, quiet, bars)
-        layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode, sampling, hears, chords)
+        layers = _build_layers(instruments, add, candidates, prompts, gains, click_mode, sampling, hears, chords,
+                               beats)
         if not layers:
             chain = arranger.registry.default_chain if arranger.registry is not None else []
             if not chain:
                 raise InputError("name the layers to arrange, e.g. --add drums,bass")
-            layers = _build_layers(tuple(chain), None, candidates, prompts, gains, click_mode, sampling, hears, chords)
+            layers = _build_layers(tuple(chain), None, candidates, prompts, gains, click_mode, sampling, hears,
+                                   chords, beats)
             if not quiet:
                 click.echo(f"layers: {', '.join(chain)} (the registry's default chain)", err=True)
         song, pending = arranger.prepare(layers, context, bpm=bpm, duration=duration, seed=seed, click=click_mode,
@@ -352,12 +359,15 @@ def _open(directory: Path, wait: bool = False):
 @click.option("--chords", type=click.Choice(["heard", "own"]),
               help="A chord-stream expert's chords: heard in what it hears, or its own. Default: heard when it "
                    "hears a context or a pitched layer.")
+@click.option("--beats", type=click.Choice(["heard", "own"]),
+              help="Hear a click on the beats heard in the mix instead of the mix. Default: heard for an "
+                   "unpitched instrument (the drums) over pitched material.")
 @arranger_options
 @writer_options
 @sampling_options
 @click.pass_context
-def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, hears, chords, experts, device_map,
-        max_memory, dtype, quiet, wait, force, sampling):
+def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, hears, chords, beats, experts,
+        device_map, max_memory, dtype, quiet, wait, force, sampling):
     """Add LAYER (`instrument` or `name=instrument`) to the arrangement in DIRECTORY."""
     from ..layer import Layer
 
@@ -372,7 +382,8 @@ def add(ctx, directory, layer, prompt, seed, gain, candidates, click_mode, hears
         arranger.adopt_experts(song.manifest)
         arranger.add(song, Layer(instrument, name=name, prompt=prompt, seed=seed, gain_db=gain, candidates=candidates,
                                  click=click_mode, params=sampling,
-                                 hears=None if hears is None else _layer_names(hears), chords=chords),
+                                 hears=None if hears is None else _layer_names(hears), chords=chords,
+                                 beats=beats),
                      callback=bars, force=force)
         _finish(song, quiet, bars)
 

@@ -164,6 +164,19 @@ class Report:
         click.echo(f"[{status:^4}] {what}" + (f": {detail}" if detail else ""))
 
 
+def _check_beat_tracker(report: Report) -> None:
+    """The bundled beat tracker (Layer.beats "heard"): a warning, not a failure, when missing."""
+    from ..beat_tracking import DEFAULT_BEAT_TRACKER, load_beat_tracker
+
+    try:
+        tracker = load_beat_tracker()
+    except (FileNotFoundError, ValueError) as e:
+        report.line("warn", "beat tracker", f"{e}; drums over a mix then hear the mix (Layer.beats 'own')")
+        return
+    params = sum(p.numel() for p in tracker.parameters())
+    report.line("ok", "beat tracker", f"{DEFAULT_BEAT_TRACKER} ({params:,} parameters)")
+
+
 def _check_torch(report: Report) -> bool:
     try:
         import torch
@@ -302,6 +315,7 @@ def doctor(ctx: click.Context) -> None:
         if registry is not None:
             _check_instruments(report, registry)
         _check_codecs(report)
+        _check_beat_tracker(report)
     if report.failed:
         click.echo(f"{report.failed} problem(s) found.", err=True)
         ctx.exit(1)

@@ -1,4 +1,4 @@
-"""`stage-stack train`, `stage-stack train-codec` and `stage-stack demo`."""
+"""`stage-stack train`, `train-codec`, `train-beats` and `demo`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def train_codec_command(config: Path, resume: bool, no_progress: bool, verbose: 
     click.echo(f"codec: {result.output} ({result.steps} steps, {result.seconds:.0f} s this session)")
     for kind, m in result.metrics.items():
         click.echo(f"  {kind:6s} SI-SNR {m['si_snr_db']:7.2f} dB   mel distance {m['mel_distance']:.3f}")
+
+
+@cli.command("train-beats")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--no-progress", is_flag=True, help="No progress lines (for logs).")
+@user_errors
+def train_beats_command(config: Path, no_progress: bool) -> None:
+    """Train the beat tracker a drums layer hears the beat with (see configs/beat-tracker.yaml)."""
+    from ..training.beat_train import BeatTrainConfig, train_beat_tracker
+    from ..training.config import load_config
+
+    output = train_beat_tracker(load_config(config, BeatTrainConfig), progress=not no_progress)
+    click.echo(f"beat tracker: {output}")
 
 
 @cli.command("train")

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..inputs import BPM_RANGE, MAX_AUDIO_SECONDS, MAX_CANDIDATES
-from ..layer import ChordSource
+from ..layer import BeatSource, ChordSource
 from ..mixing import CLICK_MODES
 
 # Song and layer names become directory and file names: no separators, no leading dot.
@@ -62,6 +62,8 @@ class NewLayer(_Request):
     hears: Annotated[list[Name], Field(max_length=64)] | None = None
     # an expert with a chord stream: its chords heard in what it hears, or its own (None: the default)
     chords: ChordSource | None = None
+    # a click on the beats heard in the mix instead of the mix, or the mix (None: the default)
+    beats: BeatSource | None = None
 
 
 class Redo(_Request):

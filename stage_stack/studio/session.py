@@ -113,6 +113,7 @@ class Studio:
                 "seed": layer.seed, "prompt": layer.prompt, "click": layer.click, "stale": layer.name in stale,
                 "hears": layer.hears,
                 "chords": layer.chords,
+                "beats": layer.beats,
                 "stem": self._url(name, m, f"stems/{layer.name}.wav"),
                 "sampling": {"temperature": layer.sampling.temperature, "top_k": layer.sampling.top_k,
                              "cfg": layer.sampling.cfg_coef},
@@ -210,7 +211,8 @@ class Studio:
         layer = Layer(request.instrument, name=request.name, prompt=request.prompt or None, seed=request.seed,
                       gain_db=request.gain_db, candidates=request.candidates, click=request.click,
                       params=SamplingParams(**given) if given else None,  # None: the expert's own
-                      hears=None if request.hears is None else tuple(request.hears), chords=request.chords)
+                      hears=None if request.hears is None else tuple(request.hears), chords=request.chords,
+                      beats=request.beats)
         m = Manifest.load(directory / MANIFEST_NAME)
         # the checks `Arranger.add` runs first (unknown instrument, taken name), now rather than in the job
         self.arranger._check([layer], m.layer_names, m.bpm, m.click)

@@ -183,7 +183,8 @@ function renderLane(lane) {
     el.querySelector(".lane-meta").textContent =
       `${l.instrument !== l.name ? l.instrument + ", " : ""}take ${l.take}, seed ${l.seed}${l.prompt ? `, “${l.prompt}”` : ""}` +
       (l.hears ? `, hears ${l.hears.length ? l.hears.join(" + ") : "no layer"}` : "") +
-      (l.chords ? `, chords ${l.chords === "heard" ? "heard in the mix" : "its own"}` : "");
+      (l.chords ? `, chords ${l.chords === "heard" ? "heard in the mix" : "its own"}` : "") +
+      (l.beats === "heard" ? ", beats heard in the mix" : "");
     if (l.stale) {
       const badge = document.createElement("span");
       badge.className = "badge stale";
@@ -512,6 +513,7 @@ async function addLayer(event) {
   if (f.prompt.value) body.prompt = f.prompt.value;
   if (f.click.value) body.click = f.click.value;
   if (f.chords.value) body.chords = f.chords.value;
+  if (f.beats.value) body.beats = f.beats.value;
   const hears = f.hears.value.trim();
   if (hears === "-") body.hears = [];  // no earlier layer: an empty field already means the default
   else if (hears) body.hears = hears.split(",").map((n) => n.trim()).filter((n) => n);
