@@ -70,7 +70,7 @@ import numpy as np
 
 from .audio import click_track, write_audio
 from .errors import StageStackError
-from .layer import BEAT_SOURCES, CHORD_SOURCES, BeatSource, ChordSource
+from .layer import BEAT_SOURCES, CHORD_SOURCES, BeatSource, ChordSource, source_problem
 from .training.data import ChordSpan
 from .training.synth import SCALES, STEMS, Song, generate_song, parse_key
 
@@ -408,12 +408,10 @@ class EvalSettings:
             raise EvaluationError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise EvaluationError(f"top_k must be >= 0 (0 = sample from every code), got {self.top_k}")
-        if self.beats is not None and self.beats not in BEAT_SOURCES:
-            raise EvaluationError(f"beats must be one of {', '.join(BEAT_SOURCES)} (or None: the Arranger's "
-                                  f"default), got {self.beats!r}")
-        if self.chords is not None and self.chords not in CHORD_SOURCES:
-            raise EvaluationError(f"chords must be one of {', '.join(CHORD_SOURCES)} (or None: the Arranger's "
-                                  f"default), got {self.chords!r}")
+        for name, choices in (("beats", BEAT_SOURCES), ("chords", CHORD_SOURCES)):
+            problem = source_problem(name, getattr(self, name), choices)
+            if problem:
+                raise EvaluationError(problem)
         if self.chord_temperature is not None and self.chord_temperature < 0:
             raise EvaluationError(f"chord_temperature must be >= 0 (0 = the likeliest chord), "
                                   f"got {self.chord_temperature}")

@@ -28,6 +28,13 @@ BEAT_SOURCES: tuple[str, ...] = get_args(BeatSource)
 RECORDED_AS = {"params": "sampling"}  # Layer field -> its LayerSpec field, where the two differ
 
 
+def source_problem(name: str, value, choices: tuple[str, ...]) -> str | None:
+    """What is wrong with a `chords` / `beats` setting (None when it is one of `choices` or None)."""
+    if value is None or value in choices:
+        return None
+    return f"{name} must be one of {', '.join(choices)} (or None for the default), got {value!r}"
+
+
 @dataclass(frozen=True)
 class Layer:
     """One layer of an arrangement. Every field but `instrument` has a default.
@@ -95,12 +102,10 @@ class Layer:
             object.__setattr__(self, "hears", tuple(self.hears))
         if self.click is not None and self.click not in CLICK_MODES:
             raise InputError(f"layer {self.key!r}: click must be one of {', '.join(CLICK_MODES)}, got {self.click!r}")
-        if self.beats is not None and self.beats not in BEAT_SOURCES:
-            raise InputError(f"layer {self.key!r}: beats must be one of {', '.join(BEAT_SOURCES)} (or None for "
-                             f"the default), got {self.beats!r}")
-        if self.chords is not None and self.chords not in CHORD_SOURCES:
-            raise InputError(f"layer {self.key!r}: chords must be one of {', '.join(CHORD_SOURCES)} (or None for "
-                             f"the default), got {self.chords!r}")
+        for name, choices in (("beats", BEAT_SOURCES), ("chords", CHORD_SOURCES)):
+            problem = source_problem(name, getattr(self, name), choices)
+            if problem:
+                raise InputError(f"layer {self.key!r}: {problem}")
 
     @property
     def key(self) -> str:
