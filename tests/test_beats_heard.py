@@ -118,3 +118,24 @@ def test_the_drums_hear_the_mixs_beats_over_pitched_material_only(tiny_tracker, 
                          duration=1.0)
     with pytest.raises(InputError, match="beats must be one of heard, own"):
         Layer("drums", beats="tracked")
+
+
+def test_train_beats_command_writes_a_tracker_and_names_bad_fields(tmp_path):
+    from click.testing import CliRunner
+
+    from stage_stack.cli import cli
+    from stage_stack.cli import train as _  # noqa: F401  (registers the commands)
+
+    config = tmp_path / "beats.yaml"
+    config.write_text(f"output: {tmp_path / 'out' / 'tracker.safetensors'}\nsongs: 1\nseconds: 6\nsteps: 1\n"
+                      "batch_size: 1\nwindow_frames: 200\n")
+    result = CliRunner().invoke(cli, ["train-beats", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert load_beat_tracker(tmp_path / "out" / "tracker.safetensors").config == BeatTrackerConfig()
+    config.write_text(f"output: {tmp_path / 'x.safetensors'}\nstep: 3\n")
+    result = CliRunner().invoke(cli, ["train-beats", str(config)])
+    assert result.exit_code == 1 and "beats.yaml: invalid BeatTrainConfig" in result.output
+    assert "field 'step': unknown field" in result.output
+    config.write_text(f"output: {tmp_path / 'x.safetensors'}\ntempo_range: [160, 80]\n")
+    result = CliRunner().invoke(cli, ["train-beats", str(config)])
+    assert result.exit_code == 1 and "tempo_range must be (low, high) with 0 < low <= high" in result.output
