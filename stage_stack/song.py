@@ -364,6 +364,10 @@ def describe(manifest: Manifest, path: str | os.PathLike | None = None, files: b
                      f"{layer.timings.total_s:.1f} s{flag}")
         if layer.prompt:
             lines.append(f"     prompt: {layer.prompt!r}")
+        heard = ([f"the beats of its mix as a click ({layer.heard_bpm:g} BPM)"] if layer.beats == "heard" else []) + \
+            (["the chords of its mix"] if layer.chords == "heard" else [])
+        if heard:
+            lines.append(f"     heard outside its expert: {' and '.join(heard)}")
         if files:
             current = [rel + ("*" if i == layer.picked else "") for i, rel in enumerate(layer.files)]
             lines.append(f"     candidates: {', '.join(current)}")

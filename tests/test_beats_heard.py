@@ -101,6 +101,9 @@ def test_the_drums_hear_the_mixs_beats_over_pitched_material_only(tiny_tracker, 
     assert (drums.beats, drums.beats_requested, drums.click) == ("heard", None, "click")
     assert 70 <= drums.heard_bpm <= 180 and drums.timings.beats_s > 0
     assert (bass.beats, bass.heard_bpm, bass.click) == ("own", None, "none")  # a pitched instrument
+    from stage_stack.song import describe
+    assert f"heard outside its expert: the beats of its mix as a click ({drums.heard_bpm:g} BPM)" in \
+        describe(song.manifest)
     # without a context the drums come first and hear the song's click, as before
     alone = arranger.arrange(["drums"], context=None, bpm=100, duration=5.0, seed=0)
     assert alone.manifest.layer("drums").beats == "own" and alone.manifest.layer("drums").heard_bpm is None

@@ -97,6 +97,8 @@ def test_the_arranger_hears_chords_in_pitched_material_only(tmp_path):
     context = _progression([(0, (0, 4, 7)), (7, (7, 11, 2))], 0.5)
     song = arranger.arrange(["keys"], context=context, context_sample_rate=SR, duration=1.0, seed=0, out=tmp_path / "s")
     assert song.manifest.layer("keys").chords == "heard"
+    from stage_stack.song import describe
+    assert "heard outside its expert: the chords of its mix" in describe(song.manifest)
     # the layer's own choice wins, is recorded, and a redo keeps it
     song = arranger.arrange([Layer("keys", chords="own")], context=context, context_sample_rate=SR, duration=1.0,
                             seed=0, out=tmp_path / "own")
