@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
+import soundfile
 
 from stage_stack import Arranger, Layer
 from stage_stack.chord_recognition import diatonic_triads, recognize_chords
@@ -128,3 +130,26 @@ def test_the_evaluation_scores_the_chords_the_arranger_gives_and_says_which(tmp_
     assert own.songs[0].generated != heard.songs[0].generated  # same seed, other chords
     with pytest.raises(EvaluationError, match="chords must be one of heard, own"):
         EvalSettings(chords="mine")
+
+
+def test_the_cli_passes_chords_and_beats_per_layer(tmp_path):
+    from click.testing import CliRunner
+
+    from stage_stack.cli import arrange as _  # noqa: F401  (registers the commands)
+    from stage_stack.cli import cli
+
+    keys = make_tiny_expert(tmp_path / "keys.safetensors", "keys", lm_config=LM, codec_config=CODEC64)
+    drums = make_tiny_expert(tmp_path / "drums.safetensors", "drums")
+    context = tmp_path / "mix.wav"
+    soundfile.write(context, _progression([(0, (0, 4, 7)), (7, (7, 11, 2))], 0.5), SR)
+    experts = [f"--expert=keys={keys}", f"--expert=drums={drums}"]
+    out = tmp_path / "song"
+    result = CliRunner().invoke(cli, ["arrange", "--add", "drums,keys", "-c", str(context), "-o", str(out), "-q",
+                                      "--chords", "keys=own", "--beats", "drums=own", *experts])
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads((out / "manifest.json").read_text())["layers"]}
+    assert (layers["keys"]["chords"], layers["keys"]["chords_requested"]) == ("own", "own")
+    assert (layers["drums"]["beats"], layers["drums"]["beats_requested"]) == ("own", "own")
+    result = CliRunner().invoke(cli, ["arrange", "--add", "drums", "-c", str(context), "-o", str(tmp_path / "b"),
+                                      "-q", "--chords", "keys=heard", *experts])
+    assert result.exit_code != 0 and "--chords names layer(s) keys that are not arranged" in result.output

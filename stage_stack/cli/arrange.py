@@ -310,7 +310,8 @@ def _build_layers(instruments: tuple[str, ...], add: str | None, candidates: tup
 @sampling_options
 @click.pass_context
 def arrange(ctx, instruments, add, context, bpm, duration, seed, click_mode, candidates, prompts, gains, hears,
-            chords, beats, sample_rate, from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force, sampling):
+            chords, beats, sample_rate, from_manifest, out, experts, device_map, max_memory, dtype, quiet, wait, force,
+            sampling):
     """Generate an arrangement layer by layer into OUT (manifest.json, stems/, mix.wav)."""
     bars = ProgressBars(quiet)
     with user_errors(), song_lock(out, wait):
