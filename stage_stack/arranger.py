@@ -514,6 +514,16 @@ class Arranger:
                      hears=None if record.hears_requested is None else tuple(record.hears_requested),
                      chords=record.chords_requested, beats=record.beats_requested)
 
+    def _as_made(self, record: LayerRecord) -> Layer:
+        """The layer as `record` says it was made: where its chords and beats came from, not the
+        defaults of today. A record from before `Layer.beats` / `Layer.chords` existed heard its mix
+        and named its own chords, so it is replayed that way."""
+        layer = self._layer_of(record)
+        chords = record.chords
+        if chords is None and self.expert(record.instrument).lm.config.chord_classes:
+            chords = "own"
+        return replace(layer, chords=chords, beats=record.beats or "own")
+
     def reproduce(self, manifest_path: str | os.PathLike, out: str | os.PathLike | None = None,
                   callback: ProgressCallback | None = None, wait: bool | float = False) -> Song:
         """Generate an arrangement again from its manifest: the same experts (sha256-checked), context,
@@ -532,7 +542,7 @@ class Arranger:
             store = Arrangement(manifest_path.parent)
             audio = store.read(CONTEXT_FILE, m)
             context = ContextAudio(audio, m.sample_rate, m.context.source, m.context.sha256, m.context.channels)
-        layers = [self._layer_of(record) for record in m.layers]
+        layers = [self._as_made(record) for record in m.layers]
         with Arrangement(out).lock(wait) if out is not None else nullcontext():
             song, pending = self.prepare(layers, context, bpm=m.bpm if m.bpm_source == "given" else None,
                                          duration=m.duration, seed=m.seed, click=m.click, out=out,

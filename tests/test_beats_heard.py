@@ -142,3 +142,29 @@ def test_train_beats_command_writes_a_tracker_and_names_bad_fields(tmp_path):
     config.write_text(f"output: {tmp_path / 'x.safetensors'}\ntempo_range: [160, 80]\n")
     result = CliRunner().invoke(cli, ["train-beats", str(config)])
     assert result.exit_code == 1 and "tempo_range must be (low, high) with 0 < low <= high" in result.output
+
+
+def test_reproduce_replays_where_the_beats_and_chords_came_from(tiny_tracker, tmp_path):
+    import json
+
+    experts = {"drums": make_tiny_expert(tmp_path / "drums.safetensors", "drums")}
+    arranger = Arranger.from_registry(experts=experts, device_map="cpu", dtype="fp32", beat_tracker=tiny_tracker)
+    context = 0.1 * np.random.default_rng(2).standard_normal(5 * SR).astype(np.float32)
+    heard = arranger.arrange(["drums"], context=context, context_sample_rate=SR, duration=5.0, seed=0,
+                             out=tmp_path / "heard")
+    again = arranger.reproduce(tmp_path / "heard" / "manifest.json", out=tmp_path / "heard-again")
+    assert again.manifest.layer("drums").beats == "heard"
+    assert np.array_equal(again.stems["drums"], heard.stems["drums"])
+    # a manifest written before Layer.beats existed: its drums heard the mix, and are replayed so
+    mix = arranger.arrange([Layer("drums", beats="own")], context=context, context_sample_rate=SR, duration=5.0,
+                           seed=0, out=tmp_path / "old")
+    manifest = tmp_path / "old" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    for layer in data["layers"]:
+        for key in ("beats", "beats_requested", "heard_bpm", "chords", "chords_requested"):
+            layer.pop(key)
+    manifest.write_text(json.dumps(data))
+    replayed = arranger.reproduce(manifest, out=tmp_path / "old-again")
+    assert replayed.manifest.layer("drums").beats == "own"
+    assert replayed.manifest.layer("drums").click == "none" and heard.manifest.layer("drums").click == "click"
+    assert np.array_equal(replayed.stems["drums"], mix.stems["drums"])

@@ -153,3 +153,19 @@ def test_the_cli_passes_chords_and_beats_per_layer(tmp_path):
     result = CliRunner().invoke(cli, ["arrange", "--add", "drums", "-c", str(context), "-o", str(tmp_path / "b"),
                                       "-q", "--chords", "keys=heard", *experts])
     assert result.exit_code != 0 and "--chords names layer(s) keys that are not arranged" in result.output
+
+
+def test_reproduce_replays_a_chord_expert_made_before_layer_chords_with_its_own_chords(tmp_path):
+    keys = make_tiny_expert(tmp_path / "keys.safetensors", "keys", lm_config=LM, codec_config=CODEC64)
+    arranger = Arranger({"keys": keys}, device_map="cpu", dtype="fp32")
+    context = _progression([(0, (0, 4, 7)), (7, (7, 11, 2))], 0.5)
+    made = arranger.arrange([Layer("keys", chords="own")], context=context, context_sample_rate=SR, duration=1.0,
+                            seed=0, out=tmp_path / "old")
+    manifest = tmp_path / "old" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    for key in ("chords", "chords_requested", "beats", "beats_requested", "heard_bpm"):
+        data["layers"][0].pop(key)
+    manifest.write_text(json.dumps(data))
+    again = arranger.reproduce(manifest, out=tmp_path / "again")
+    assert again.manifest.layer("keys").chords == "own"  # today's default over a context would be "heard"
+    assert np.array_equal(again.stems["keys"], made.stems["keys"])
