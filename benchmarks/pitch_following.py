@@ -50,7 +50,7 @@ from stage_stack.expert import load_expert  # noqa: E402
 from stage_stack.generation import SamplingParams, generate  # noqa: E402
 from stage_stack.longform import expert_window_seconds  # noqa: E402
 from stage_stack.chords import NO_CHORD, transpose  # noqa: E402
-from stage_stack.layout import audio_codes, with_chord_row  # noqa: E402
+from stage_stack.layout import UNFILLED, audio_codes, with_chord_row  # noqa: E402
 from stage_stack.pipeline import _encode, render_stem  # noqa: E402
 from stage_stack.training.data import augment  # noqa: E402
 from stage_stack.training.token_cache import chord_class_frames  # noqa: E402
@@ -121,8 +121,8 @@ def over_given_chords(expert, song, context: np.ndarray, instrument: str, params
     played = np.zeros(context.size, np.float32)
     generator = torch.Generator().manual_seed(song.metadata.seed)
     for start in range(0, frames - window + 1, window):
-        given = torch.full((1, config.streams, window), -1, dtype=torch.long)
-        given[0, 0] = classes[start:start + window]
+        unfilled = torch.full((1, config.n_q, window), UNFILLED)
+        given = with_chord_row(unfilled, config, classes[None, start:start + window])
         with torch.inference_mode():
             out = generate(expert.lm, _encode(expert, context[start * hop:(start + window) * hop]), window,
                            params=params, generator=generator, given=given)

@@ -676,9 +676,7 @@ class Arranger:
         """Whether the layer hears a click on the beats heard in its mix instead of the mix: its
         own choice, else "heard" for an instrument the registry marks unpitched (the drums) that
         would hear pitched material alone (click mode "none") for long enough to hear a tempo."""
-        pitched_mix = m.context is not None or any(
-            self._registry_default(r.instrument, "pitched", True)
-            for r in m.layers[:index] if hears is None or r.name in hears)
+        pitched_mix = self._hears_pitched(m, index, hears)
         if layer.beats is not None:
             if layer.beats == "heard" and (click != "none" or not pitched_mix):
                 raise InputError(f"layer {layer.key!r}: beats='heard' replaces the mix it hears with a click on the "
@@ -709,9 +707,13 @@ class Arranger:
             return layer.chords
         if click == "click":
             return "own"
-        earlier = [r for r in m.layers[:index] if hears is None or r.name in hears]
-        pitched = m.context is not None or any(self._registry_default(r.instrument, "pitched", True) for r in earlier)
-        return "heard" if pitched else "own"
+        return "heard" if self._hears_pitched(m, index, hears) else "own"
+
+    def _hears_pitched(self, m: Manifest, index: int, hears: list[str] | None) -> bool:
+        """Whether layer `index` hears pitched material: the song's context audio, or an earlier
+        layer it hears of an instrument the registry does not mark `pitched: false`."""
+        return m.context is not None or any(self._registry_default(r.instrument, "pitched", True)
+                                            for r in m.layers[:index] if hears is None or r.name in hears)
 
 
 def _check_hears(layer: Layer, earlier: Sequence[str]) -> None:

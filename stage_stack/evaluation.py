@@ -577,6 +577,8 @@ class _Protocol:
         self.settings = settings
         self.progress = progress
         self.audio_dir = audio_dir
+        # the installed registry says which instruments are pitched (Layer.chords, Layer.beats)
+        self.registry = _installed_registry()
         self.overrides = {k: v for k, v in (("cfg_coef", settings.cfg_coef), ("temperature", settings.temperature),
                                             ("top_k", settings.top_k),
                                             ("chord_temperature", settings.chord_temperature)) if v is not None}
@@ -616,9 +618,7 @@ class _Protocol:
         from .arranger import Arranger, Layer
 
         instrument = expert.instrument
-        # the installed registry says which instruments are pitched (Layer.chords, Layer.beats)
-        arranger = Arranger(experts={instrument: expert}, registry=_installed_registry(),
-                            device_map=str(expert.device))
+        arranger = Arranger(experts={instrument: expert}, registry=self.registry, device_map=str(expert.device))
         songs = self.songs(expert.sample_rate)
         stems = self.settings.context_stems
         if stems is None and expert.metadata.hears:

@@ -121,8 +121,10 @@ class LayerTimings(_Model):
 
     @property
     def overhead_s(self) -> float:
-        """Per-layer work that is not the LM: encode + mix + resample + decode (+ stitching, chords, beats)."""
-        return self.resample_s + self.encode_s + self.decode_s + self.stitch_s + self.chords_s + self.beats_s + self.mix_s
+        """Per-layer work that is not the LM: encode + mix + resample + decode (+ stitching, hearing
+        chords and beats)."""
+        return (self.resample_s + self.encode_s + self.decode_s + self.stitch_s + self.chords_s + self.beats_s
+                + self.mix_s)
 
 
 def _check_layer_name(value: str) -> str:

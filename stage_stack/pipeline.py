@@ -218,9 +218,8 @@ def _chord_row(expert: Expert, chords: np.ndarray | None, frames: int, candidate
     if chords.min(initial=0) < UNFILLED or chords.max(initial=0) >= config.chord_classes:
         raise ValueError(f"chord classes are 0..{config.chord_classes - 1} (or {UNFILLED}: the expert's own), "
                          f"got {chords.min()}..{chords.max()}")
-    given = torch.full((candidates, config.streams, frames), UNFILLED, dtype=torch.long, device=expert.device)
-    given[:, 0] = torch.from_numpy(chords.astype(np.int64)).to(expert.device)
-    return given
+    unfilled = torch.full((candidates, config.n_q, frames), UNFILLED, dtype=torch.long, device=expert.device)
+    return with_chord_row(unfilled, config, torch.from_numpy(chords.astype(np.int64)).expand(candidates, -1))
 
 
 def generate_stem(

@@ -32,8 +32,7 @@ import random
 import shlex
 import sys
 import time
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -92,18 +91,11 @@ def load_base(config: TrainConfig) -> Base:
             lm = add_chord_stream(lm, config.seed, spec.expert)
         context_codec = expert.context_codec
         if spec.add_context_codec is not None:
-            from .codec_train import load_codec_file
-
             if context_codec is not None:
                 raise TrainingConfigError(f"{spec.expert} already hears through a context codec; remove "
                                           "base.add_context_codec")
-            context_codec, context_training = load_codec_file(spec.add_context_codec)
-            for name, theirs, mine in context_codec_mismatches(codec.config, context_codec.config):
-                raise TrainingConfigError(
-                    f"base.add_context_codec ({spec.add_context_codec}) has {name} {theirs}, but the codec of "
-                    f"base.expert ({spec.expert}) has {mine}: the two codecs must share the sample rate, frame rate "
-                    "and number of codebooks")
-            context_info = _codec_info(spec.add_context_codec, context_training)
+            context_codec, context_info = _load_context_codec(spec.add_context_codec, codec, "base.add_context_codec",
+                                                              f"the codec of base.expert ({spec.expert})")
             lm = add_context_rows(lm, context_codec.config.card, config.seed)
         return Base(lm, codec, expert.metadata, expert.text, info, str(spec.expert), context_codec, context_info)
 
@@ -114,13 +106,8 @@ def load_base(config: TrainConfig) -> Base:
 
     context_codec, context_info = None, {}
     if fresh.context_codec is not None:
-        context_codec, context_training = load_codec_file(fresh.context_codec)
-        context_info = _codec_info(fresh.context_codec, context_training)
-        for name, theirs, mine in context_codec_mismatches(codec.config, context_codec.config):
-            raise TrainingConfigError(
-                f"base.fresh.context_codec ({fresh.context_codec}) has {name} {theirs}, but base.fresh.codec "
-                f"({fresh.codec}) has {mine}: the two codecs must share the sample rate, frame rate and number of "
-                "codebooks")
+        context_codec, context_info = _load_context_codec(fresh.context_codec, codec, "base.fresh.context_codec",
+                                                          f"base.fresh.codec ({fresh.codec})")
     lm_cfg = StageLMConfig(dim=fresh.dim, n_layers=fresh.n_layers, n_heads=fresh.n_heads, ffn_dim=fresh.ffn_dim,
                            card=codec.config.card, n_q=codec.config.n_q, cross_attention=False,
                            positions=fresh.positions,
@@ -131,13 +118,25 @@ def load_base(config: TrainConfig) -> Base:
                 context_info)
 
 
+def _load_context_codec(path: Path, codec: Codec, field_name: str, codec_named: str) -> tuple[Codec, dict]:
+    """The context codec file at `path` (config field `field_name`) and its card info, refused
+    unless it shares `codec`'s (`codec_named`) sample rate, frame rate and codebook count."""
+    from .codec_train import load_codec_file
+
+    context_codec, training = load_codec_file(path)
+    for name, theirs, mine in context_codec_mismatches(codec.config, context_codec.config):
+        raise TrainingConfigError(f"{field_name} ({path}) has {name} {theirs}, but {codec_named} has {mine}: the two "
+                                  "codecs must share the sample rate, frame rate and number of codebooks")
+    return context_codec, _codec_info(path, training)
+
+
 def add_chord_stream(lm: StageLM, seed: int, source: Path | str = "the base expert") -> StageLM:
     """A copy of `lm` with a chord stream first (stage_stack.chords): its streams move one place
     up, with their embeddings and heads; the chord stream's table and head are fresh (`seed`)."""
     if lm.config.chord_classes:
         raise TrainingConfigError(f"{source} already has a chord stream ({lm.config.chord_classes} classes); "
                                   "remove base.add_chord_stream")
-    grown = init_weights(StageLM(dataclasses.replace(lm.config, chord_classes=CHORD_CLASSES)), seed=seed)
+    grown = init_weights(StageLM(replace(lm.config, chord_classes=CHORD_CLASSES)), seed=seed)
     renamed = {}
     for key, value in lm.state_dict().items():
         prefix, _, rest = key.partition(".")
@@ -155,7 +154,7 @@ def add_context_rows(lm: StageLM, context_card: int, seed: int) -> StageLM:
     """A copy of a one-codec `lm` that hears through a context codec of `context_card` codes:
     every embedding table keeps its rows and gains fresh ones (`seed`) for the context's codes
     (StageLMConfig.context_card, layout.TokenLayout.context_offset)."""
-    grown = init_weights(StageLM(dataclasses.replace(lm.config, context_card=context_card)), seed=seed)
+    grown = init_weights(StageLM(replace(lm.config, context_card=context_card)), seed=seed)
     state = lm.state_dict()
     with torch.no_grad():
         for name, value in grown.state_dict().items():
