@@ -68,6 +68,7 @@ from _common import (  # noqa: E402
 from stage_stack import machine as stage_machine  # noqa: E402
 from stage_stack.generation import SamplingParams, generate, sample_next  # noqa: E402
 from stage_stack.models.quant import QUANTIZED, named_weight_bytes, release_freed_memory, weight_count  # noqa: E402
+from stage_stack.models import stage_lm  # noqa: E402
 from stage_stack.models.stage_lm import StageLM, StageLMConfig, init_weights  # noqa: E402
 
 OURS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8", "ours-int4": "int4"}
@@ -80,7 +81,12 @@ OURS_FORCED_KV = {"ours-bf16-halfkv": ("bf16", torch.bfloat16), "ours-int8-halfk
 # int8 with the decode kernel forced (stage_stack.machine, int8_decode): the other side of that
 # choice, measured in the same run
 OURS_INT8_KERNEL = {"ours-int8-weightonly": "weight_only", "ours-int8-dynamic": "dynamic"}
-METHODS = (*OURS, *OURS_FORCED_KV, *OURS_INT8_KERNEL, "full-recompute", "hf-generate", "hf-loop")
+# The same formats with torch's kernels where this machine chose stage_stack.native's (the bf16
+# product of a decode step, one query's attention over an int8 cache): the other side of those
+# choices, measured in the same run
+OURS_TORCH_KERNELS = {"ours-fp32-torchkernels": "fp32", "ours-bf16-torchkernels": "bf16",
+                      "ours-int8-torchkernels": "int8"}
+METHODS = (*OURS, *OURS_FORCED_KV, *OURS_INT8_KERNEL, *OURS_TORCH_KERNELS, "full-recompute", "hf-generate", "hf-loop")
 CONFIGS = ("nocross", "cross")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "generation_speed.json"
 CFG_COEF = 3.0
@@ -508,7 +514,37 @@ def run_hf_loop(model, work: Workload, stop_after: int | None = None) -> StepClo
 # -- one row ----------------------------------------------------------------------------------
 
 
+def bandwidth_by_threads(size_mb: int, thread_counts: list[int]) -> dict[int, dict[str, Any]]:
+    """copy_bandwidth at each thread count (torch's setting restored after)."""
+    threads = torch.get_num_threads()
+    try:
+        out = {}
+        for t in thread_counts:
+            torch.set_num_threads(t)
+            out[t] = copy_bandwidth(size_mb)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def use_torch_kernels() -> None:
+    """Decode with torch's kernels where this machine chose stage_stack.native's, for the rest of
+    this row (`measure` puts the machine's choices back)."""
+    import dataclasses
+
+    stage_lm._KERNELS = dataclasses.replace(stage_machine.kernel_choices(), bf16_decode_linear="linear",
+                                            decode_attention_int8="matmul")
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    kernels = stage_lm._KERNELS
+    try:
+        return measure_row(spec)
+    finally:
+        stage_lm._KERNELS = kernels  # rows share a process with --no-isolate (and --quick)
+
+
+def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the model for one (config, method), warm up, time the workload, report memory."""
     method = spec.pop("method")
     if method == "accuracy":
@@ -530,9 +566,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     extra_kv = work.text_tokens if work.cross else 0
 
     with torch.no_grad():
-        if method in OURS or method in OURS_FORCED_KV or method in OURS_INT8_KERNEL or method == "full-recompute":
+        if method in OURS or method in OURS_FORCED_KV or method in OURS_INT8_KERNEL or method in OURS_TORCH_KERNELS \
+                or method == "full-recompute":
             if method in OURS_INT8_KERNEL:
                 fmt, forced_kv = "int8", None
+            elif method in OURS_TORCH_KERNELS:
+                fmt, forced_kv = OURS_TORCH_KERNELS[method], None
+                use_torch_kernels()
             else:
                 fmt, forced_kv = (OURS[method], None) if method in OURS else OURS_FORCED_KV.get(method, ("fp32", None))
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(fmt, fmt)
@@ -770,14 +810,22 @@ def _ratio(a, b, key):
     return a[key] / b[key]
 
 
-def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> tuple[list[dict], list[dict]]:
-    """Bandwidth bound per row, ratios between rows and the issue's targets."""
+def summarize(rows: list[dict[str, Any]], bandwidth: dict[int, float], isolated: bool) -> tuple[list[dict], list[dict]]:
+    """Bandwidth bound per row, ratios between rows and the issue's targets.
+
+    `bandwidth`: copy bandwidth (bytes/s) per thread count; each row's bound uses its own thread
+    count's (before 2026-12-07, stop 33, every row used the best of all, which for one-thread rows
+    on a 2-core machine was the two-thread copy: `bound_share_best_bw` keeps that convention)."""
+    best = max(bandwidth.values())
     for row in rows:
-        row["bound_steps_per_s"] = bandwidth / row["weight_bytes_per_step"]
-        row["bound_kv_steps_per_s"] = bandwidth / (row["weight_bytes_per_step"] + row["kv_bytes_per_step"])
+        bw = bandwidth.get(row.get("threads"), best)
+        row["bandwidth_gb_per_s"] = bw / 1e9
+        row["bound_steps_per_s"] = bw / row["weight_bytes_per_step"]
+        row["bound_kv_steps_per_s"] = bw / (row["weight_bytes_per_step"] + row["kv_bytes_per_step"])
         rate = None if row.get("estimated") else row.get("decode_steps_per_s")
         row["bound_share"] = rate / row["bound_steps_per_s"] if rate else None
         row["bound_kv_share"] = rate / row["bound_kv_steps_per_s"] if rate else None
+        row["bound_share_best_bw"] = rate * row["weight_bytes_per_step"] / best if rate else None
         row["weight_mb"] = row["weight_bytes"] / MB
         if row.get("peak_rss_bytes") and isolated:  # in one shared process the peaks are not per row
             limit = TARGET_RSS_FACTOR * row["weight_bytes"] + TARGET_RSS_EXTRA
@@ -794,6 +842,7 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
         fp32, bf16, int8, int4 = (_find(group, config, m) for m in OURS)
         bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv, fp32_hkv, fp32_i8kv = (_find(group, config, m) for m in OURS_FORCED_KV)
         int8_wo, int8_dyn = (_find(group, config, m) for m in OURS_INT8_KERNEL)
+        fp32_tk, bf16_tk, int8_tk = (_find(group, config, m) for m in OURS_TORCH_KERNELS)
         recompute, hf_gen, hf_loop = (_find(group, config, m) for m in ("full-recompute", "hf-generate", "hf-loop"))
         pairs = [
             ("ours fp32 / full-recompute", fp32, recompute, TARGET_OURS_VS_RECOMPUTE, "steps_per_s"),
@@ -820,6 +869,13 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
             ("ours int8 dynamic / ours int8 weight-only", int8_dyn, int8_wo, None, "decode_steps_per_cpu_s"),
             ("ours int8 weight-only / ours bf16", int8_wo, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
             ("ours int8 dynamic / ours bf16", int8_dyn, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
+            ("ours fp32 / ours fp32 with torch's kernels", fp32, fp32_tk, None, "decode_steps_per_s"),
+            ("ours bf16 / ours bf16 with torch's kernels", bf16, bf16_tk, None, "decode_steps_per_s"),
+            ("ours bf16 / ours bf16 with torch's kernels", bf16, bf16_tk, None, "decode_steps_per_cpu_s"),
+            ("ours int8 / ours int8 with torch's kernels", int8, int8_tk, None, "decode_steps_per_s"),
+            ("ours int8 / ours int8 with torch's kernels", int8, int8_tk, None, "decode_steps_per_cpu_s"),
+            ("ours int8 with torch's kernels / ours bf16 with torch's kernels", int8_tk, bf16_tk, TARGET_INT8_VS_BF16,
+             "decode_steps_per_s"),
         ]
         for name, a, b, target, key in pairs:
             value = _ratio(a, b, key)
@@ -832,7 +888,7 @@ def summarize(rows: list[dict[str, Any]], bandwidth: float, isolated: bool) -> t
                             "value": bf16["bound_share"], "limit": TARGET_BF16_SHARE,
                             "met": bf16["bound_share"] >= TARGET_BF16_SHARE})
         for r in (fp32, bf16, int8, int4, bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv, fp32_hkv, fp32_i8kv, int8_wo,
-                  int8_dyn):
+                  int8_dyn, fp32_tk, bf16_tk, int8_tk):
             if r is not None and "rss_ok" in r:
                 targets.append({"config": config, "threads": threads,
                                 "target": f"{r['method']} peak RSS <= 1.2 x weights + 300 MB",
@@ -872,6 +928,12 @@ METHOD_NOTES = {
                  "quantized.linear_dynamic with the activations quantized to 8 bits per call.",
     "ours-int8-weightonly": "ours-int8 with the decode product forced to aten._weight_int8pack_mm (bf16 activations).",
     "ours-int8-dynamic": "ours-int8 with the decode product forced to fbgemm's quantized.linear_dynamic.",
+    "ours-fp32-torchkernels": "ours-fp32 with torch's kernels where this machine chose stage_stack.native's (one "
+                              "query's attention over the int8 KV cache: two products after a float32 copy).",
+    "ours-bf16-torchkernels": "ours-bf16 with torch's kernels where this machine chose stage_stack.native's (the bf16 "
+                              "products of a decode step: F.linear; attention over the int8 KV cache: two products).",
+    "ours-int8-torchkernels": "ours-int8 with torch's kernels where this machine chose stage_stack.native's (the bf16 "
+                              "heads: F.linear; attention over the int8 KV cache: two products).",
     "ours-bf16-halfkv": "ours-bf16 with the KV cache in bf16 (generate(kv_dtype=torch.bfloat16)) whatever this "
                         "machine's choice.",
     "ours-int8-halfkv": "ours-int8 with the KV cache in bf16, likewise.",
@@ -928,7 +990,7 @@ COLUMNS = [
     ("config", "config"), ("method", "method"), ("thread_setting", "threads"), ("dtype", "dtype"), ("steps", "steps"),
     ("prefill_s", "prefill s"), ("decode_steps_per_s", "decode steps/s"), ("total_s", "total s"),
     ("steps_per_s", "steps/s (total)"), ("decode_steps_per_cpu_s", "decode steps/cpu-s"),
-    ("bound_steps_per_s", "bw bound steps/s"), ("bound_share", "share"),
+    ("bandwidth_gb_per_s", "copy GB/s"), ("bound_steps_per_s", "bw bound steps/s"), ("bound_share", "share"),
     ("bound_kv_share", "share (w+KV)"), ("weight_mb", "weights MB"), ("peak_rss_mb", "peak RSS MB"),
     ("rss_limit_mb", "RSS limit MB"), ("stem_total_s_est", "10 s stem s (est.)"), ("note", "note"),
 ]
@@ -1017,8 +1079,11 @@ def main(argv: list[str] | None = None) -> int:
           f"AMX-BF16 {machine['amx_bf16']}, AVX512-BF16 {machine['avx512_bf16']}, "
           f"load {machine['load_average_1_5_15min']}", file=sys.stderr)
     bandwidth_mb = args.bandwidth_mb or (64 if args.quick else 512)
-    bw_before = copy_bandwidth(bandwidth_mb)
-    print(f"copy bandwidth: {bw_before['best_gb_per_s']:.1f} GB/s", file=sys.stderr)
+    # the copy at each thread count the rows run with ("auto": what generate() chooses at this size)
+    bw_threads = sorted({int(t) if t != "auto" else stage_machine.choose_threads(400_000_000) for t in thread_settings})
+    bw_before = bandwidth_by_threads(bandwidth_mb, bw_threads)
+    print("copy bandwidth: " + ", ".join(f"{b['best_gb_per_s']:.1f} GB/s ({t} threads)" for t, b in bw_before.items()),
+          file=sys.stderr)
 
     workload = {"context_frames": context_frames, "gen_frames": gen_frames, "steps": steps,
                 "prefix_steps": context_frames + 2, "cfg_batch": 2, "samples": 1, "quick": args.quick,
@@ -1092,8 +1157,8 @@ def main(argv: list[str] | None = None) -> int:
             accuracy = {"error": str(exc)}
         payload["accuracy"] = accuracy
 
-    bw_after = copy_bandwidth(bandwidth_mb)
-    bandwidth = max(bw_before["best_gb_per_s"], bw_after["best_gb_per_s"]) * 1e9
+    bw_after = bandwidth_by_threads(bandwidth_mb, bw_threads)
+    bandwidth = {t: max(bw_before[t]["best_gb_per_s"], bw_after[t]["best_gb_per_s"]) * 1e9 for t in bw_threads}
     measured = [r for r in rows if "error" not in r]
     ratios, targets = summarize(measured, bandwidth, isolate)
     targets += stem_target(measured, accuracy if accuracy and "error" not in accuracy else None)
@@ -1121,8 +1186,10 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"  [{r['config']}/{r['method']}] failed: {r['error']}")
     print()
-    print(f"bw bound = copy bandwidth {bandwidth / 1e9:.1f} GB/s (best of before/after, read+write) / weight bytes "
-          "read per decode step; share = decode steps/s / bound; (w+KV) also counts the KV cache read per step.")
+    print("bw bound = copy bandwidth at the row's thread count ("
+          + ", ".join(f"{b / 1e9:.1f} GB/s with {t}" for t, b in bandwidth.items())
+          + "; best of before/after, read+write) / weight bytes read per decode step; share = decode steps/s / "
+          "bound; (w+KV) also counts the KV cache read per step.")
     if args.quick:
         print("  (tiny model: the issue's targets are for the full size, so no verdicts here)")
     for r in ratios:
@@ -1143,7 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     payload.update({
         "load_average_end": load_average(),
-        "bandwidth": {"before": bw_before, "after": bw_after, "used_gb_per_s": bandwidth / 1e9},
+        "bandwidth": {"before": bw_before, "after": bw_after,
+                      "used_gb_per_s_by_threads": {t: b / 1e9 for t, b in bandwidth.items()}},
         "ratios": ratios,
         "targets": targets,
     })

@@ -209,6 +209,10 @@ class KernelChoices:
     # int8 block linears in a decode step (models.quant.Int8Linear): aten's weight-only kernel,
     # or fbgemm's with the activations quantized too
     int8_decode: Literal["weight_only", "dynamic"]
+    # bf16 products of <= 4 rows (stage_lm.Linear), and one query's attention over an int8 KV
+    # cache (stage_lm.quantized_attention): torch's kernels, or stage_stack.native's
+    bf16_decode_linear: Literal["linear", "native"]
+    decode_attention_int8: Literal["matmul", "native"]
     source: str  # "probe", "cache" or "flags"
     probe_ms: dict | None = None
 
@@ -222,7 +226,7 @@ class KernelChoices:
 HALF_KV_SLOWDOWN = 1.25
 PROBE_LAYERS = 6
 # Part of the cache key: a changed probe measures again instead of trusting an older one's choice.
-PROBE_VERSION = 3
+PROBE_VERSION = 4
 
 
 def _time_ms(fn, repeats: int = 8) -> float:
@@ -276,6 +280,7 @@ def _probe() -> KernelChoices:
     }
     del weights
     ms.update(_probe_int8(gen, x))
+    ms.update(_probe_native(gen))
     # One query over a cache as decoding reads it: a float32 cache is dynamic (a view of the
     # written 768 of 1024 slots), a half-precision one static (every slot; StageLM.new_cache).
     # Over six layers' buffers (~100 MB in float32), so that they come from memory as in a real
@@ -312,6 +317,8 @@ def _probe() -> KernelChoices:
         half_kv_cache="float32" if best["bf16"] > HALF_KV_SLOWDOWN * best["fp32"] else "model",
         decode_attention_fp32=fp32, decode_attention_half=half,
         int8_decode="dynamic" if ms.get("int8_dynamic", float("inf")) < 0.9 * ms["int8_weight_only"] else "weight_only",
+        bf16_decode_linear="native" if ms.get("bf16_native", float("inf")) < 0.9 * ms["bf16_linear"] else "linear",
+        decode_attention_int8="native" if ms.get("attn_int8_native", float("inf")) < 0.9 * ms["attn_int8"] else "matmul",
         source="probe", probe_ms=ms)
 
 
@@ -339,6 +346,37 @@ def _probe_int8(gen: torch.Generator, x: torch.Tensor) -> dict:
     return ms
 
 
+def _probe_native(gen: torch.Generator) -> dict:
+    """ms per 2-row 1024 -> 4096 bf16 product (F.linear, and stage_stack.native's where it runs
+    here) over 12 matrices (96 MB), and per layer of one query's attention over an int8 cache of
+    1024 slots, 16 heads of 64 (the scales folded in: torch's two products, and native's)."""
+    import torch.nn.functional as F
+
+    from . import native
+    from .models.stage_lm import QuantizedKV, quantize_kv, quantized_attention
+
+    built = native.load()
+    ws = [torch.randn(4096, 1024, generator=gen).to(torch.bfloat16) for _ in range(12)]
+    x = torch.randn(2, 1024, generator=gen).to(torch.bfloat16)
+    ms = {"bf16_linear": _time_ms(lambda: [F.linear(x, w) for w in ws], repeats=4) / len(ws)}
+    if built.linear_bf16:
+        ms["bf16_native"] = _time_ms(lambda: [native.linear_bf16(x, w) for w in ws], repeats=4) / len(ws)
+    del ws
+    q = torch.randn(2, 16, 1, 64, generator=gen)
+    blocked = torch.zeros(2, 1, 1, 1024, dtype=torch.bool)
+    blocked[1, ..., :256] = True  # an unconditional row's PAD context
+    layers = []
+    for _ in range(PROBE_LAYERS):
+        (k, ks), (v, vs) = (quantize_kv(torch.randn(2, 16, 1024, 64, generator=gen)) for _ in range(2))
+        layers.append(QuantizedKV(k, v, ks, vs))
+    ms["attn_int8"] = _time_ms(lambda: [quantized_attention(q, kv, blocked, kernel="matmul") for kv in layers],
+                               repeats=4) / PROBE_LAYERS
+    if built.avx512:
+        ms["attn_int8_native"] = _time_ms(lambda: [quantized_attention(q, kv, blocked, kernel="native")
+                                                   for kv in layers], repeats=4) / PROBE_LAYERS
+    return ms
+
+
 def choices_from_flags() -> KernelChoices:
     """Without a probe: AMX machines run SDPA and F.linear well; others run skinny float32
     products as W @ x^T and one-query attention as two products; CPUs with int8 dot products
@@ -352,7 +390,7 @@ def choices_from_flags() -> KernelChoices:
                          decode_attention_fp32="sdpa" if amx else "matmul",
                          decode_attention_half="sdpa" if amx else "matmul",
                          int8_decode="dynamic" if vnni and dynamic_int8_available() else "weight_only",
-                         source="flags")
+                         bf16_decode_linear="linear", decode_attention_int8="matmul", source="flags")
 
 
 @lru_cache(maxsize=8)

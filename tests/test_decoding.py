@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from stage_stack import decoding, machine
+from stage_stack import decoding, machine, native
 from stage_stack.errors import DeviceError
 from stage_stack.expert import load_expert, resolve_format, save_expert
 from stage_stack.generation import Sampler, SamplingParams, cfg_row_groups, generate, sample_next
@@ -627,8 +627,11 @@ def test_decode_attention_kernels_give_the_same_tokens(monkeypatch, kv_dtype):
 
 def test_probe_keeps_a_half_precision_cache_unless_much_slower(monkeypatch):
     monkeypatch.setattr(quant, "dynamic_int8_available", lambda: True)
-    # in the order _probe times them; each int8 time is per matrix (the probe divides a pass by 24)
+    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, True, True, ""))
+    # in the order _probe times them; each int8 time is per matrix (the probe divides a pass by 24),
+    # each native one per matrix (/ 12) or per layer (/ 6)
     times = {"fp32_linear": 1.0, "fp32_w_xt": 1.0, "int8_weight_only": 24.0, "int8_dynamic": 12.0,
+             "bf16_linear": 12.0, "bf16_native": 6.0, "attn_int8": 6.0, "attn_int8_native": 5.8,
              "attn_fp32": 1.0, "attn_fp32_matmul": 0.5, "attn_bf16": 5.0, "attn_bf16_matmul": 0.6}
     monkeypatch.setattr(machine, "_time_ms", lambda fn, repeats=8: times[next(order)])
     order = iter(times)
@@ -637,10 +640,20 @@ def test_probe_keeps_a_half_precision_cache_unless_much_slower(monkeypatch):
     assert (choices.decode_attention_fp32, choices.decode_attention_half, choices.half_kv_cache) == (
         "matmul", "matmul", "model")
     assert choices.int8_decode == "dynamic" and choices.probe_ms["int8_dynamic"] == 0.5
-    times.update(attn_bf16_matmul=0.9, int8_dynamic=23.0)  # 1.8x; int8 kernels within 10 %
+    # native's product wins by 2x, its attention by 3 %: under the 10 % an alternative needs
+    assert (choices.bf16_decode_linear, choices.decode_attention_int8) == ("native", "matmul")
+    times.update(attn_bf16_matmul=0.9, int8_dynamic=23.0, bf16_native=11.5, attn_int8_native=2.0)
     order = iter(times)
     again = machine._probe()
     assert again.half_kv_cache == "float32" and again.int8_decode == "weight_only"
+    assert (again.bf16_decode_linear, again.decode_attention_int8) == ("linear", "native")
+    # a machine where the kernels cannot run never times them, and keeps torch's
+    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, False, False, "no compiler"))
+    times = {k: v for k, v in times.items() if "native" not in k}
+    order = iter(times)
+    without = machine._probe()
+    assert (without.bf16_decode_linear, without.decode_attention_int8) == ("linear", "matmul")
+    assert not {"bf16_native", "attn_int8_native"} & set(without.probe_ms)
 
 
 def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):

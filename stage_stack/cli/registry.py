@@ -177,6 +177,21 @@ def _check_beat_tracker(report: Report) -> None:
     report.line("ok", "beat tracker", f"{DEFAULT_BEAT_TRACKER} ({params:,} parameters)")
 
 
+def _check_native_kernels(report: Report) -> None:
+    """The C decode kernels (stage_stack.native): a warning when they cannot be built or run here,
+    since decoding then keeps torch's kernels (slower, not wrong); what this machine chose."""
+    from .. import native
+    from ..machine import kernel_choices
+
+    built = native.load()
+    if not (built.linear_bf16 and built.avx512):
+        report.line("warn", "native kernels", f"{built.reason}; decoding uses torch's kernels")
+        return
+    k = kernel_choices()
+    report.line("ok", "native kernels", f"{built.path.name}; chosen here: bf16 products {k.bf16_decode_linear}, "
+                                        f"int8-cache attention {k.decode_attention_int8}")
+
+
 def _check_torch(report: Report) -> bool:
     try:
         import torch
@@ -316,6 +331,7 @@ def doctor(ctx: click.Context) -> None:
             _check_instruments(report, registry)
         _check_codecs(report)
         _check_beat_tracker(report)
+        _check_native_kernels(report)
     if report.failed:
         click.echo(f"{report.failed} problem(s) found.", err=True)
         ctx.exit(1)

@@ -278,12 +278,59 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.div(scale).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
-def quantized_attention(q: torch.Tensor, kv: QuantizedKV, blocked: torch.Tensor | None = None) -> torch.Tensor:
+def quantized_attention(q: torch.Tensor, kv: QuantizedKV, blocked: torch.Tensor | None = None,
+                        kernel: str | None = None) -> torch.Tensor:
     """matmul_attention over an int8 cache without dequantizing it: a key's scale multiplies its
-    score and a value's scale its probability, so each step converts the int8 buffers once
-    (to float32, which on an AMD EPYC ran as fast as a bf16 cache's products; benchmarks/README.md)."""
+    score and a value's scale its probability.
+
+    `kernel` (default: this machine's choice, stage_stack.machine) "native" reads the int8 cache
+    once in C (stage_stack.native); "matmul" converts the int8 buffers to float32 each step
+    (which on an AMD EPYC ran as fast as a bf16 cache's products) for two batched products.
+    """
+    if (kernel or _kernels().decode_attention_int8) == "native":
+        from .. import native
+
+        if native.load().avx512 and native.attend_int8_takes(q, *kv):  # else: two products
+            return native.attend_int8(q, *kv, blocked).to(q.dtype)
     return matmul_attention(q.float(), kv.keys.to(torch.float32), kv.values.to(torch.float32), blocked,
                             key_scale=kv.key_scale, value_scale=kv.value_scale).to(q.dtype)
+
+
+def _native_int8_kv(qkv: torch.Tensor, cache: KVCache) -> bool:
+    """Whether one decode step's attention runs in stage_stack.native's kernel: on the CPU, over an
+    int8 cache as wide as the batch, where this machine chose it and the kernel takes the shapes."""
+    if not cache.quantized or qkv.device.type != "cpu" or _kernels().decode_attention_int8 != "native":
+        return False
+    from .. import native
+
+    head_dim = cache.keys[0][0].shape[-1]
+    return (native.load().avx512 and qkv.dtype in (torch.float32, torch.bfloat16) and qkv.is_contiguous()
+            and head_dim % 16 == 0 and head_dim <= 256 and cache.groups[-1].stop == qkv.shape[0]
+            and not _needs_autograd(qkv) and not torch.compiler.is_compiling())
+
+
+def _native_decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, masks) -> torch.Tensor:
+    """KVCache.store + _attend_group for one decode step over an int8 cache, in one native call per
+    row group (stage_stack.native.attend_step): the ~40 small torch ops they take per layer cost
+    more than the attention itself at MusicGen-small size (benchmarks/README.md). Same writes,
+    same reads, same output as the torch path (tests/test_native_kernels.py)."""
+    from .. import native
+
+    B, _, width = qkv.shape
+    out = torch.empty(B, 1, width // 3, dtype=qkv.dtype)
+    for gi, (g, m) in enumerate(zip(cache.groups, masks)):
+        if cache.static:  # a write before `first` lands in slot 0, hidden until step `first` overwrites it
+            slot = int(cache.slots[gi])
+        else:
+            skip = max(0, g.first - cache.length)
+            if skip >= 1:  # the step is before the group's first kept one: nothing kept, nothing to read
+                out[g.start : g.stop] = 0
+                continue
+            slot = cache.length - g.first
+        native.attend_step(qkv[g.start : g.stop], cache.keys[layer][gi], cache.values[layer][gi],
+                           cache.key_scales[layer][gi], cache.value_scales[layer][gi], slot, m.hidden,
+                           out[g.start : g.stop])
+    return out
 
 
 class AttentionMask(NamedTuple):
@@ -292,12 +339,14 @@ class AttentionMask(NamedTuple):
     allowed: torch.Tensor  # SDPA's mask; a query without any allowed key may see every key
     empty: torch.Tensor  # queries without any allowed key: their output is 0
     blocked: torch.Tensor  # ~allowed, for matmul_attention
+    hidden: torch.Tensor  # the keys each query may not see, before `allowed`'s fix-up (native kernels)
 
 
 def _attention_mask(allowed: torch.Tensor) -> AttentionMask:
+    hidden = ~allowed
     empty = ~allowed.any(dim=-1, keepdim=True)
     allowed = allowed | empty
-    return AttentionMask(allowed, empty, ~allowed)
+    return AttentionMask(allowed, empty, ~allowed, hidden)
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor | None = None,
@@ -369,30 +418,71 @@ def _decode_attention(dtype: torch.dtype) -> str:
     return k.decode_attention_half if dtype in (torch.bfloat16, torch.float16) else k.decode_attention_fp32
 
 
+def _native_bf16_linear() -> bool:
+    """Whether this machine runs bf16 products of a few rows in stage_stack.native's kernel."""
+    if _kernels().bf16_decode_linear != "native":
+        return False
+    from .. import native
+
+    return native.load().linear_bf16  # the choice is cached per machine; the build may be gone
+
+
+def _native_gelu(y: torch.Tensor) -> bool:
+    """Whether a decode step's GELU over `y` runs natively: a few bf16 rows on the CPU where this
+    machine runs the native bf16 products (the same probe's choice)."""
+    return (y.dtype == torch.bfloat16 and y.device.type == "cpu" and y.numel() <= 4 * y.shape[-1] and y.is_contiguous()
+            and _native_bf16_linear() and not _needs_autograd(y) and not torch.compiler.is_compiling())
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:  # the native kernels have no backward
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _skinny_w_xt() -> bool:
     """Whether this machine streams skinny float32 products faster as W @ x^T (stage_stack.machine)."""
     return _kernels().skinny_fp32_linear == "w_xt"
 
 
 class Linear(nn.Linear):
-    """nn.Linear that may multiply a handful of rows as W @ x^T (same parameters and keys).
+    """nn.Linear with per-machine kernels for the few rows of a decoding step (same parameters
+    and keys).
 
     A decoding step feeds one column for 2-4 rows (the CFG halves) and is bound by reading the
-    weights. For such skinny float32 inputs MKL streams the weight about twice as fast in this
-    orientation as in F.linear's x @ W^T on some CPUs (an AMD EPYC without AMX) and slower on
-    others (a Xeon with AMX), so the choice is made per machine (stage_stack.machine).
+    weights, which torch's kernels do not stream at the memory's speed on every CPU:
+    - float32: MKL streams the weight about twice as fast as W @ x^T as in F.linear's x @ W^T on
+      some CPUs (an AMD EPYC without AMX) and slower on others (a Xeon with AMX);
+    - bf16: stage_stack.native's kernel reads it in one pass (2x F.linear on one core of an AMD
+      EPYC with AVX512-BF16; benchmarks/README.md).
+    Each choice is made per machine (stage_stack.machine).
     """
 
     SKINNY_ROWS = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (rows > self.SKINNY_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or self.bias is not None
-                or not _skinny_w_xt()):
+        if rows > self.SKINNY_ROWS or x.device.type != "cpu" or self.bias is not None:
+            return super().forward(x)
+        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and _native_bf16_linear() \
+                and not _needs_autograd(x, self.weight) and not torch.compiler.is_compiling():
+            from .. import native
+
+            return native.linear_bf16(x, self.weight)
+        if x.dtype != torch.float32 or not _skinny_w_xt():
             return super().forward(x)
         flat = x.reshape(rows, self.in_features).contiguous()
         # contiguous output: a transposed view would send later ops down slower strided paths
         return (self.weight @ flat.t()).t().contiguous().view(*x.shape[:-1], self.out_features)
+
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """F.gelu(self(x)); for a decode step's bf16 rows on the native kernels, the GELU runs in place
+        in the product's output (stage_stack.native.gelu_bf16_: the same float math and rounding)."""
+        y = self(x)
+        if _native_gelu(y):
+            from .. import native
+
+            return native.gelu_bf16_(y)
+        return F.gelu(y)
 
 
 class Embedding(nn.Embedding):
@@ -419,7 +509,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, mask, layer: int, cache: KVCache | None) -> torch.Tensor:
         B, S, D = x.shape
-        q, k, v = (t.view(B, S, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(D, dim=-1))
+        qkv = self.qkv(x)
+        if cache is not None and S == 1 and _native_int8_kv(qkv, cache):
+            return self.out(_native_decode_attention(qkv, cache, layer, mask))
+        q, k, v = (t.view(B, S, self.n_heads, -1).transpose(1, 2) for t in qkv.split(D, dim=-1))
         if cache is None:
             y = _attend(q, k, v, mask[0])
         else:  # per row group of the cache (KVCache, RowGroup); the cache may be wider than x
@@ -457,7 +550,8 @@ class FeedForward(nn.Module):
         self.fc2 = Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        fused = getattr(self.fc1, "forward_gelu", None)  # a native GELU after a decode step's product
+        return self.fc2(fused(x) if fused is not None else F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
