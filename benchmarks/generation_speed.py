@@ -736,8 +736,9 @@ def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
         else:  # the decode product runs only one step at a time (a teacher-forced pass is a prefill GEMM)
             result["formats"][fmt + "+bf16kv"] = compare_logits(
                 cached_guided_logits(lm, codes, mask, steps, torch.bfloat16), ref)
-        if fmt == "int8":  # the cache's own rounding, decoded step by step: bf16 cache vs int8 cache
-            for name, kv in (("int8+bf16kv", torch.bfloat16), ("int8+int8kv", torch.int8)):
+        if fmt in ("bf16", "int8"):  # decoded step by step, as generate() runs them (this machine's kernels,
+            # stage_stack.native's included), with a bf16 and an int8 cache
+            for name, kv in ((f"{fmt}+bf16kv", torch.bfloat16), (f"{fmt}+int8kv", torch.int8)):
                 result["formats"][name] = compare_logits(cached_guided_logits(lm, codes, mask, steps, kv), ref)
         del lm
     if not work.quick:
@@ -753,12 +754,14 @@ def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
                 continue
             fp32 = load_expert(path, load_text=False).lm
             dcfg = fp32.config
-            gen = torch.Generator().manual_seed(seed)
-            ctx = torch.randint(0, dcfg.card, (1, dcfg.n_q, 50), generator=gen)
-            frames = generate(fp32, ctx, steps, params=SamplingParams(greedy=True))
-            from stage_stack.layout import TokenLayout
+            from stage_stack.layout import TokenLayout, with_chord_row
 
-            layout = TokenLayout.for_card(dcfg.card, dcfg.n_q)
+            gen = torch.Generator().manual_seed(seed)
+            # the expert's own layout: a chord stream's PAD row in the context, its positions and
+            # context vocabulary (the keys have a chord stream since stop 31)
+            ctx = with_chord_row(torch.randint(0, dcfg.card, (1, dcfg.n_q, 50), generator=gen), dcfg)
+            frames = generate(fp32, ctx, steps, params=SamplingParams(greedy=True))
+            layout = TokenLayout.for_config(dcfg)
             batch = layout.generation_batch(ctx, steps)
             filled = layout.interleave(layout.frames(torch.cat([ctx, torch.full_like(ctx, dcfg.card)]),
                                                      torch.cat([frames, frames])))

@@ -239,14 +239,19 @@ def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eage
     29), the cache is what takes each format over 1.2 x weights + 300 MB: with an int8 cache the
     peak RSS fell 1779 -> 1571 MB for fp32 (limit 1760) and 1161 -> 959 for bf16 (limit 1030),
     decoding 1.12x / 0.98x as fast, with top-1 agreement 1.0 and a guided KL of ~1e-6 against a
-    float32 cache (fp32 weights); for int8 weights 836 -> 786 MB at stop 28. Small models keep a
-    float cache: their steps are bound by per-op overhead, and quantizing each step's keys adds
-    ops for no bytes that matter.
+    float32 cache (fp32 weights); for int8 weights 836 -> 786 MB at stop 28.
+
+    Small models keep a float32 cache, whatever their weights: their steps are bound by per-op
+    overhead, quantizing each step's keys adds ops for no bytes that matter, and a half-precision
+    cache (static, read whole at every step) made the demo arrangement ~6 % slower than a float32
+    one on an AMD EPYC (benchmarks/README.md, stop 33). The probe's `half_kv_cache` choice, timed
+    at MusicGen-small shapes, had flipped between runs and taken the demo experts with it.
     """
-    if lm.final_norm.weight.device.type != "cpu":
+    weights = lm.final_norm.weight
+    if weights.device.type != "cpu":
         return None
     if (n_params if n_params is not None else weight_count(lm)) < SMALL_MODEL_PARAMS:
-        return None
+        return torch.float32 if weights.dtype in (torch.bfloat16, torch.float16) else None
     return torch.int8 if mode == "eager" or is_quantized(lm) else None
 
 

@@ -7,11 +7,13 @@ so nothing here is fixed once and for all.
 - `cpu_info()`: model name, flags that matter (AMX, AVX512-BF16), torch's capability string.
 - `kernel_choices()`: which way a skinny float32 product runs (W @ x^T or F.linear), which
   kernel runs one query's attention over the cache (SDPA or two products, per cache dtype) and
-  in which dtype a half-precision model keeps its KV cache, and which product an int8 model
-  runs (weight-only with bf16 activations, or fbgemm's with 8-bit ones). Chosen from a quick
-  probe (~1-2 s of matmuls and attention, `probe_kernels`) whose result is cached per CPU model
-  and torch version under the stage-stack home (`kernels.json`). `STAGE_STACK_KERNELS=probe|flags`
-  forces a fresh probe or flags only.
+  in which dtype a half-precision model keeps its KV cache, which product an int8 model runs
+  (weight-only with bf16 activations, or fbgemm's with 8-bit ones), and whether a decode step's
+  bf16 products and its attention over an int8 cache run in stage_stack.native's C kernels.
+  Chosen from a quick probe (~2-3 s of matmuls and attention, `probe_kernels`) whose result is
+  cached per CPU model and torch version under the stage-stack home (`kernels.json`).
+  `STAGE_STACK_KERNELS=probe|flags` forces a fresh probe or flags only (flags never pick the
+  native kernels: unmeasured); `STAGE_STACK_NATIVE=0` turns the native kernels off.
 - `auto_weight_format()`: the weight format `dtype="auto"` loads an LM in on a device: bf16 on
   a GPU, int8 on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX; the parts of an
   int8 model that stay unquantized are bf16), else fp32. At MusicGen-small size on an idle AMD

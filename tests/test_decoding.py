@@ -471,20 +471,28 @@ def test_int8_kv_cache_holds_half_a_bf16_cache_and_reads_back_each_step():
 
 
 @pytest.mark.parametrize("small_below, fmt, want", [(1, "int8", torch.int8), (1, "int4", torch.int8),
-                                                    (1, None, torch.int8), (10**9, "int8", None), (10**9, None, None)])
+                                                    (1, None, torch.int8), (10**9, "int8", torch.float32),
+                                                    (10**9, "bf16", torch.float32), (10**9, None, None)])
 def test_the_int8_cache_is_the_default_only_for_big_models(small_below, fmt, want, monkeypatch):
     import stage_stack.generation as generation
 
     lm = sharp_lm()
-    if fmt is not None:
+    if fmt == "bf16":
+        lm = lm.to(torch.bfloat16)
+    elif fmt is not None:
         quantize_(lm, fmt)
     monkeypatch.setattr(generation, "SMALL_MODEL_PARAMS", small_below)  # lm is "small" or "big"
+    # a small model keeps a float32 cache under half-precision weights, whatever the probe says
+    # of half-precision attention at MusicGen size (stage_stack.machine.half_kv_cache)
+    monkeypatch.setattr(stage_lm, "_KERNELS", dataclasses.replace(machine.kernel_choices(), half_kv_cache="model"))
     assert generation.default_kv_dtype(lm) == want
     # a compiled float step keeps the float cache (int8 with compile is not measured)
-    assert generation.default_kv_dtype(lm, mode="compile") == (want if fmt is not None else None)
+    assert generation.default_kv_dtype(lm, mode="compile") == (want if fmt not in (None, "bf16") or small_below > 1
+                                                               else None)
     caches = _caches_made(lm, monkeypatch)
     generate(lm, context(), 3, params=GREEDY)
     assert caches[0].quantized == (want == torch.int8)
+    assert caches[0].keys[0][0].dtype == (want or torch.float32)
 
 
 @pytest.mark.parametrize("small_below, fmt, chunk", [(1, "int8", 32), (1, "int4", 32), (1, None, 128),

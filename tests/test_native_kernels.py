@@ -235,6 +235,9 @@ def test_a_feed_forward_step_runs_its_gelu_natively_only_for_decode_rows(monkeyp
     monkeypatch.setattr(native, "gelu_bf16_", lambda y: calls.append(y.shape) or real(y))
     with torch.inference_mode():
         step = torch.randn(2, 1, CONFIG.dim).to(torch.bfloat16)
+        ffn(step)
+        assert calls == []  # a small fc1 (under NATIVE_GELU_MIN_WEIGHTS): its output stays cached, torch's GELU
+        monkeypatch.setattr(stage_lm, "NATIVE_GELU_MIN_WEIGHTS", CONFIG.dim * CONFIG.ffn_dim)
         got = ffn(step)
         assert calls == [(2, 1, CONFIG.ffn_dim)]
         want = ffn.fc2(F.gelu(F.linear(step, ffn.fc1.weight)))

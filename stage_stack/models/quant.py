@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .. import native
+
 INT4_GROUPS = (128, 64, 32)  # group sizes the int4 kernel takes, largest (fewest scales) first
 
 
@@ -66,8 +68,6 @@ def linear_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
 
 
 def _native_rows() -> bool:
-    from .. import native
-
     return native.load().library is not None
 
 
@@ -147,8 +147,6 @@ class Int8Linear(nn.Module):
             # the relative error fell from 7 % to 2.9 % (2.9 % on 2 rows; weight-only: 0.8 %).
             # Prefills run here too: unpacking the matrix for a bf16 GEMM cost 40 ms per matrix.
             if flat.shape[0] <= self.NATIVE_ROWS and _native_rows():  # a decode step: 3 calls instead of 8
-                from .. import native
-
                 unit, peak = native.rows_to_unit(flat)
                 y = native.rows_scale(linear_dynamic(unit, self._packed), peak, dtype)
             else:
@@ -166,12 +164,10 @@ class Int8Linear(nn.Module):
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(self(x)), the GELU in place natively for a decode step's rows (StageLM's FeedForward)."""
-        from .stage_lm import _native_gelu
+        from .stage_lm import NATIVE_GELU_MIN_WEIGHTS, _native_gelu
 
         y = self(x)
-        if _native_gelu(y):
-            from .. import native
-
+        if self.in_features * self.out_features >= NATIVE_GELU_MIN_WEIGHTS and _native_gelu(y):
             return native.gelu_bf16_(y)
         return torch.nn.functional.gelu(y)
 

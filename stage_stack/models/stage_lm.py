@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
+
 
 POSITION_MODES = ("stage", "aligned")
 
@@ -288,8 +290,6 @@ def quantized_attention(q: torch.Tensor, kv: QuantizedKV, blocked: torch.Tensor 
     (which on an AMD EPYC ran as fast as a bf16 cache's products) for two batched products.
     """
     if (kernel or _kernels().decode_attention_int8) == "native":
-        from .. import native
-
         if native.load().avx512 and native.attend_int8_takes(q, *kv):  # else: two products
             return native.attend_int8(q, *kv, blocked).to(q.dtype)
     return matmul_attention(q.float(), kv.keys.to(torch.float32), kv.values.to(torch.float32), blocked,
@@ -301,8 +301,6 @@ def _native_int8_kv(qkv: torch.Tensor, cache: KVCache) -> bool:
     int8 cache as wide as the batch, where this machine chose it and the kernel takes the shapes."""
     if not cache.quantized or qkv.device.type != "cpu" or _kernels().decode_attention_int8 != "native":
         return False
-    from .. import native
-
     head_dim = cache.keys[0][0].shape[-1]
     return (native.load().avx512 and qkv.dtype in (torch.float32, torch.bfloat16) and qkv.is_contiguous()
             and head_dim % 16 == 0 and head_dim <= 256 and cache.groups[-1].stop == qkv.shape[0]
@@ -314,8 +312,6 @@ def _native_decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, mask
     row group (stage_stack.native.attend_step): the ~40 small torch ops they take per layer cost
     more than the attention itself at MusicGen-small size (benchmarks/README.md). Same writes,
     same reads, same output as the torch path (tests/test_native_kernels.py)."""
-    from .. import native
-
     B, _, width = qkv.shape
     out = torch.empty(B, 1, width // 3, dtype=qkv.dtype)
     for gi, (g, m) in enumerate(zip(cache.groups, masks)):
@@ -422,9 +418,13 @@ def _native_bf16_linear() -> bool:
     """Whether this machine runs bf16 products of a few rows in stage_stack.native's kernel."""
     if _kernels().bf16_decode_linear != "native":
         return False
-    from .. import native
-
     return native.load().linear_bf16  # the choice is cached per machine; the build may be gone
+
+
+# Below this many weights in fc1 the product's output stays in the caches and torch's GELU is
+# cheaper than a call out (a demo expert's arrangement was ~10 % slower with the native one);
+# above it, each GELU after a weight stream cost ~50 us in torch against ~10 us native.
+NATIVE_GELU_MIN_WEIGHTS = 1 << 20
 
 
 def _native_gelu(y: torch.Tensor) -> bool:
@@ -462,25 +462,22 @@ class Linear(nn.Linear):
         rows = x.numel() // self.in_features
         if rows > self.SKINNY_ROWS or x.device.type != "cpu" or self.bias is not None:
             return super().forward(x)
-        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and _native_bf16_linear() \
-                and not _needs_autograd(x, self.weight) and not torch.compiler.is_compiling():
-            from .. import native
-
-            return native.linear_bf16(x, self.weight)
-        if x.dtype != torch.float32 or not _skinny_w_xt():
+        if x.dtype is torch.bfloat16:
+            if (_native_bf16_linear() and self.weight.dtype is torch.bfloat16 and not _needs_autograd(x, self.weight)
+                    and not torch.compiler.is_compiling()):
+                return native.linear_bf16(x, self.weight)
+            return super().forward(x)
+        if x.dtype is not torch.float32 or not _skinny_w_xt():
             return super().forward(x)
         flat = x.reshape(rows, self.in_features).contiguous()
         # contiguous output: a transposed view would send later ops down slower strided paths
         return (self.weight @ flat.t()).t().contiguous().view(*x.shape[:-1], self.out_features)
 
-
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(self(x)); for a decode step's bf16 rows on the native kernels, the GELU runs in place
         in the product's output (stage_stack.native.gelu_bf16_: the same float math and rounding)."""
         y = self(x)
-        if _native_gelu(y):
-            from .. import native
-
+        if self.in_features * self.out_features >= NATIVE_GELU_MIN_WEIGHTS and _native_gelu(y):
             return native.gelu_bf16_(y)
         return F.gelu(y)
 

@@ -150,16 +150,17 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T for bf16 `x` [..., K] of at most LINEAR_MAX_ROWS rows and a contiguous bf16
     `weight` [N, K], on the CPU; float32 accumulation, bf16 result (as F.linear's)."""
     lib = _library("linear_bf16")
-    K, N = weight.shape[1], weight.shape[0]
+    N, K = weight.shape
     rows = x.numel() // K
-    if not (1 <= rows <= LINEAR_MAX_ROWS) or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 \
+    if not (1 <= rows <= LINEAR_MAX_ROWS) or x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 \
             or not weight.is_contiguous() or x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"linear_bf16 takes 1-{LINEAR_MAX_ROWS} bf16 rows and a contiguous bf16 weight on the "
                          f"CPU, got {rows} {x.dtype} rows on {x.device} and a {weight.dtype} weight on {weight.device}")
-    flat = x.reshape(rows, K).contiguous()
-    out = torch.empty(rows, N, dtype=torch.bfloat16)
-    lib.stage_linear_bf16(weight.data_ptr(), flat.data_ptr(), out.data_ptr(), rows, N, K, torch.get_num_threads())
-    return out.view(*x.shape[:-1], N)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], N), dtype=torch.bfloat16)
+    lib.stage_linear_bf16(weight.data_ptr(), x.data_ptr(), out.data_ptr(), rows, N, K, torch.get_num_threads())
+    return out
 
 
 def attend_int8_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_scale: torch.Tensor,
