@@ -532,16 +532,21 @@ def use_torch_kernels() -> None:
     this row (`measure` puts the machine's choices back)."""
     import dataclasses
 
+    from stage_stack.models import quant
+
     stage_lm._KERNELS = dataclasses.replace(stage_machine.kernel_choices(), bf16_decode_linear="linear",
                                             decode_attention_int8="matmul")
+    quant._native_rows = lambda: False  # the row scaling around fbgemm's product: torch's ops
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    kernels = stage_lm._KERNELS
+    from stage_stack.models import quant
+
+    kernels, native_rows = stage_lm._KERNELS, quant._native_rows
     try:
         return measure_row(spec)
-    finally:
-        stage_lm._KERNELS = kernels  # rows share a process with --no-isolate (and --quick)
+    finally:  # rows share a process with --no-isolate (and --quick)
+        stage_lm._KERNELS, quant._native_rows = kernels, native_rows
 
 
 def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
@@ -936,7 +941,8 @@ METHOD_NOTES = {
     "ours-bf16-torchkernels": "ours-bf16 with torch's kernels where this machine chose stage_stack.native's (the bf16 "
                               "products of a decode step: F.linear; attention over the int8 KV cache: two products).",
     "ours-int8-torchkernels": "ours-int8 with torch's kernels where this machine chose stage_stack.native's (the bf16 "
-                              "heads: F.linear; attention over the int8 KV cache: two products).",
+                              "heads: F.linear; attention over the int8 KV cache: two products; the row scaling "
+                              "around fbgemm's product: torch ops).",
     "ours-bf16-halfkv": "ours-bf16 with the KV cache in bf16 (generate(kv_dtype=torch.bfloat16)) whatever this "
                         "machine's choice.",
     "ours-int8-halfkv": "ours-int8 with the KV cache in bf16, likewise.",
