@@ -17,8 +17,9 @@ so nothing here is fixed once and for all.
 - `auto_weight_format()`: the weight format `dtype="auto"` loads an LM in on a device: bf16 on
   a GPU, int8 on a CPU whose bf16 arithmetic is native (AVX512-BF16 or AMX; the parts of an
   int8 model that stay unquantized are bf16), else fp32. At MusicGen-small size on an idle AMD
-  EPYC, int8 decodes 2.0-2.3x bf16 on one thread with fbgemm's product (>= 95 % top-1
-  agreement with fp32); 2.5x fp32 on an Intel Xeon with AMX in the issue's measurement.
+  EPYC a 10 s stem takes 14-18 s in int8 against 18-19 s in bf16 (both on the native kernels;
+  int8 in 70 % of bf16's memory, >= 95 % top-1 agreement with fp32); 2.5x fp32 on an Intel Xeon
+  with AMX in the issue's measurement.
 - `decode_threads()`: the thread count for decoding. Two OpenMP threads on two busy cores
   spin-wait on each other (a step was 4.7x slower than with one thread), and a small expert is
   bound by per-op overhead that more threads only add to, so the count is chosen at run time
@@ -211,8 +212,9 @@ class KernelChoices:
     # int8 block linears in a decode step (models.quant.Int8Linear): aten's weight-only kernel,
     # or fbgemm's with the activations quantized too
     int8_decode: Literal["weight_only", "dynamic"]
-    # bf16 products of <= 4 rows (stage_lm.Linear), and one query's attention over an int8 KV
-    # cache (stage_lm.quantized_attention): torch's kernels, or stage_stack.native's
+    # bf16 products of <= 4 rows (stage_lm.Linear, and with them the GELU after a big fc1), and a
+    # decode step's attention over an int8 KV cache with the step's quantized store
+    # (stage_lm._native_decode_attention, quantized_attention): torch's kernels, or stage_stack.native's
     bf16_decode_linear: Literal["linear", "native"]
     decode_attention_int8: Literal["matmul", "native"]
     source: str  # "probe", "cache" or "flags"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import native
+from .stage_lm import gelu_of_product
 
 INT4_GROUPS = (128, 64, 32)  # group sizes the int4 kernel takes, largest (fewest scales) first
 
@@ -164,12 +165,7 @@ class Int8Linear(nn.Module):
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(self(x)), the GELU in place natively for a decode step's rows (StageLM's FeedForward)."""
-        from .stage_lm import NATIVE_GELU_MIN_WEIGHTS, _native_gelu
-
-        y = self(x)
-        if self.in_features * self.out_features >= NATIVE_GELU_MIN_WEIGHTS and _native_gelu(y):
-            return native.gelu_bf16_(y)
-        return torch.nn.functional.gelu(y)
+        return gelu_of_product(self(x), self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
         kernel = "dynamic" if self._packed is not None else "weight-only"

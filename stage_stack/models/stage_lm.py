@@ -434,6 +434,15 @@ def _native_gelu(y: torch.Tensor) -> bool:
             and _native_bf16_linear() and not _needs_autograd(y) and not torch.compiler.is_compiling())
 
 
+def gelu_of_product(y: torch.Tensor, weights: int) -> torch.Tensor:
+    """F.gelu(y) for the output of a product with `weights` weights (FeedForward's fc1: Linear,
+    quant.Int8Linear): in place in stage_stack.native where _native_gelu says so and the product
+    streamed its weights from memory (NATIVE_GELU_MIN_WEIGHTS)."""
+    if weights >= NATIVE_GELU_MIN_WEIGHTS and _native_gelu(y):
+        return native.gelu_bf16_(y)
+    return F.gelu(y)
+
+
 def _needs_autograd(*tensors: torch.Tensor) -> bool:  # the native kernels have no backward
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -449,10 +458,10 @@ class Linear(nn.Linear):
 
     A decoding step feeds one column for 2-4 rows (the CFG halves) and is bound by reading the
     weights, which torch's kernels do not stream at the memory's speed on every CPU:
-    - float32: MKL streams the weight about twice as fast as W @ x^T as in F.linear's x @ W^T on
-      some CPUs (an AMD EPYC without AMX) and slower on others (a Xeon with AMX);
-    - bf16: stage_stack.native's kernel reads it in one pass (2x F.linear on one core of an AMD
-      EPYC with AVX512-BF16; benchmarks/README.md).
+    - float32: MKL streams the weight about twice as fast as W @ x^T than as F.linear's x @ W^T
+      on some CPUs (an AMD EPYC without AMX) and slower on others (a Xeon with AMX);
+    - bf16: stage_stack.native's kernel reads it in one pass (2x F.linear's rate on one core of an
+      AMD EPYC with AVX512-BF16; benchmarks/README.md, "Native decode kernels").
     Each choice is made per machine (stage_stack.machine).
     """
 
@@ -476,10 +485,7 @@ class Linear(nn.Linear):
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(self(x)); for a decode step's bf16 rows on the native kernels, the GELU runs in place
         in the product's output (stage_stack.native.gelu_bf16_: the same float math and rounding)."""
-        y = self(x)
-        if self.in_features * self.out_features >= NATIVE_GELU_MIN_WEIGHTS and _native_gelu(y):
-            return native.gelu_bf16_(y)
-        return F.gelu(y)
+        return gelu_of_product(self(x), self.in_features * self.out_features)
 
 
 class Embedding(nn.Embedding):

@@ -2,9 +2,11 @@
  *
  * Why they exist (benchmarks/README.md, "Native decode kernels"): a decode step multiplies 2 rows
  * (the CFG halves) by every weight matrix, so it is bound by reading the weights. On an AMD EPYC
- * without AMX, torch's bf16 F.linear streams them at ~10 GB/s on one core, where a plain read runs
- * at ~28 GB/s; and one query's attention over an int8 KV cache converted the whole cache to
- * float32 every step before two batched products. Both are a single pass over memory here.
+ * without AMX, torch's bf16 F.linear streams them at ~10 GB/s on one core, where a plain read in C
+ * runs at ~21 GB/s; and one query's attention over an int8 KV cache converted the whole cache to
+ * float32 every step before two batched products. Both are a single pass over memory here, and
+ * the small ops around them (the cache's quantized store, the row scaling around fbgemm's int8
+ * product, GELU) are one call each instead of several torch ops.
  *
  * Built by the loader with the system C compiler (-O3 -fopenmp), once per machine, and chosen per
  * machine by a probe (stage_stack.machine). No torch headers: tensors arrive as pointers and
