@@ -10,6 +10,8 @@ Rows (each in its own Python process by default, so its peak RSS is its own):
   ours-bf16       the same model built in bfloat16 (weights; KV cache as stage_stack.machine chooses)
   ours-int8       weight-only int8 block linears (per output channel), bf16 activations
   ours-int4       weight-only int4 block linears (groups of 128), bf16 activations
+  ours-*-torchkernels  the same with torch's kernels where this machine chose stage_stack.native's
+                  (the before of those kernels, in the same run)
   full-recompute  generate(use_cache=False): the upstream way, re-running the prefix every step.
                   Too slow to run whole, so a few steps are timed at the start, middle and end
                   and the total is interpolated (see `time_full_recompute`).
@@ -25,8 +27,9 @@ and is reported separately from the decode steps. Steps/s "total" includes the p
     python benchmarks/generation_speed.py --threads 1     # full size: ~25 min on one busy core
     python benchmarks/generation_speed.py --quick         # tiny model, ~10 s (CI smoke run)
     python benchmarks/generation_speed.py --steps 40 --configs nocross --methods ours-fp32,ours-bf16
-    python benchmarks/generation_speed.py --configs nocross --steps 40 --thread-counts auto,1 \
-        --methods ours-fp32,ours-bf16,ours-int8,ours-int4,hf-loop,hf-generate      # issue 13's run
+    python benchmarks/generation_speed.py --configs nocross --thread-counts 1,auto \
+        --methods ours-fp32,ours-fp32-torchkernels,ours-bf16,ours-bf16-torchkernels,ours-int8,ours-int8-torchkernels,hf-loop,hf-generate \
+        --accuracy-steps 48 --arrange-formats fp32,int8      # issue 13's run (all steps: ~20 min)
 
 Besides the rows, `--accuracy-steps N` (default 48, 0 = off) measures each weight format
 against fp32 teacher-forced over N steps (max logit error, top-1 agreement, KL of the guided
