@@ -114,16 +114,20 @@ def load() -> NativeStatus:
 
     if os.environ.get("STAGE_STACK_NATIVE", "1").strip() == "0":
         return unavailable("turned off by STAGE_STACK_NATIVE=0")
+    from ..locks import LockBusyError  # fcntl: imported only where a build may run
+
     cc = _compiler()
     if cc is None:
         return unavailable("no C compiler found (set CC, or install gcc): torch's kernels are used")
-    path = library_path(cc)
+    path = None
     try:
+        path = library_path(cc)  # reads the C source: a broken install lands in the except below
         if not path.exists():
             build(cc, path)
         lib = ctypes.CDLL(str(path))
         _bind(lib)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    except (OSError, RuntimeError, subprocess.SubprocessError, LockBusyError) as exc:
+        # LockBusyError: another process has been building for over 2 minutes (a hung compiler)
         return unavailable(f"the native kernels could not be built or loaded: {exc}")
     if lib.stage_abi_version() != ABI_VERSION:
         return unavailable(f"{path} has ABI {lib.stage_abi_version()}, expected {ABI_VERSION}: delete it", lib, path)
