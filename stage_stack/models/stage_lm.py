@@ -234,11 +234,11 @@ class KVCache:
                     buf.index_copy_(2, slot, x[g.start : g.stop].to(buf.dtype))
                 views = kept
             else:
-                skip = max(0, g.first - self.length)  # new steps before `first`: masked, dropped
-                if skip >= S:  # a prefill chunk that ends before `first`: nothing to keep or read
+                span = self._write_span(g, S)
+                if span is None:  # a prefill chunk that ends before `first`: nothing to keep or read
                     out.append(None)
                     continue
-                at = self.length + skip - g.first
+                skip, at = span
                 for buf, x in zip(kept, new):
                     buf[:, :, at : at + S - skip] = x[g.start : g.stop, :, skip:]
                 # dynamic, or a static cache's (eager) prefill chunk: the steps written so far
@@ -246,6 +246,13 @@ class KVCache:
                 views = [buf[:, :, :end] for buf in kept]
             out.append(QuantizedKV(*views) if self.quantized else tuple(views))
         return out
+
+    def _write_span(self, g: RowGroup, S: int) -> tuple[int, int] | None:
+        """Where S new steps of a dynamic write land in group g: (skip, at), the first `skip` steps
+        being before g's first kept one (masked, dropped) and the rest going to slots from `at`;
+        None when every one is dropped."""
+        skip = max(0, g.first - self.length)
+        return None if skip >= S else (skip, self.length + skip - g.first)
 
     def advance(self, S: int) -> None:
         self.length += S
@@ -318,11 +325,11 @@ def _native_decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, mask
         if cache.static:  # a write before `first` lands in slot 0, hidden until step `first` overwrites it
             slot = int(cache.slots[gi])
         else:
-            skip = max(0, g.first - cache.length)
-            if skip >= 1:  # the step is before the group's first kept one: nothing kept, nothing to read
+            span = cache._write_span(g, 1)
+            if span is None:  # the step is before the group's first kept one: nothing kept, nothing to read
                 out[g.start : g.stop] = 0
                 continue
-            slot = cache.length - g.first
+            slot = span[1]
         native.attend_step(qkv[g.start : g.stop], cache.keys[layer][gi], cache.values[layer][gi],
                            cache.key_scales[layer][gi], cache.value_scales[layer][gi], slot, m.hidden,
                            out[g.start : g.stop])

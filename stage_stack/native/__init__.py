@@ -9,7 +9,7 @@ loaded with ctypes: no torch headers, no build step at install time, ~0.5 s once
 
 Nothing here is required. Without a compiler, on a CPU without the instructions (x86-64 with
 AVX512-BF16 for the product, AVX512BW for the attention) or with `STAGE_STACK_NATIVE=0`,
-`status()` says why and the model keeps torch's kernels. Whether a machine that can run them
+`load()` says why and the model keeps torch's kernels. Whether a machine that can run them
 uses them is `stage_stack.machine.kernel_choices()`' decision, from a probe.
 """
 
@@ -42,14 +42,9 @@ class NativeStatus:
     avx512: bool  # the int8-cache attention, the row scaling's partner kernels, GELU (AVX512F + BW)
     reason: str  # "" when both kernels can run
 
-    def describe(self) -> str:
-        if self.linear_bf16 and self.avx512:
-            return f"built ({self.path})"
-        return self.reason
-
 
 def _compiler() -> str | None:
-    name = os.environ.get("CC", "cc").split()[0] if os.environ.get("CC") else "cc"
+    name = (os.environ.get("CC") or "cc").split()[0]
     return shutil.which(name) or shutil.which("gcc") or shutil.which("clang")
 
 
@@ -137,10 +132,6 @@ def load() -> NativeStatus:
                if not ok]
     reason = f"this CPU lacks {' and '.join(missing)}" if missing else ""
     return NativeStatus(lib, path, linear, avx512, reason)
-
-
-def status() -> NativeStatus:
-    return load()
 
 
 def _library(kernel: str) -> ctypes.CDLL:
