@@ -12,6 +12,8 @@ Rows (each in its own Python process by default, so its peak RSS is its own):
   ours-int4       weight-only int4 block linears (groups of 128), bf16 activations
   ours-*-torchkernels  the same with torch's kernels where this machine chose stage_stack.native's
                   (the before of those kernels, in the same run)
+  ours-*-unfused  the same with each block's own ops in a decode step, not the fused native halves
+  ours-int8-{weightonly,dynamic,native}  int8 with its product forced to one kernel
   full-recompute  generate(use_cache=False): the upstream way, re-running the prefix every step.
                   Too slow to run whole, so a few steps are timed at the start, middle and end
                   and the total is interpolated (see `time_full_recompute`).
@@ -28,8 +30,8 @@ and is reported separately from the decode steps. Steps/s "total" includes the p
     python benchmarks/generation_speed.py --quick         # tiny model, ~10 s (CI smoke run)
     python benchmarks/generation_speed.py --steps 40 --configs nocross --methods ours-fp32,ours-bf16
     python benchmarks/generation_speed.py --configs nocross --thread-counts 1,auto \
-        --methods ours-fp32,ours-fp32-torchkernels,ours-bf16,ours-bf16-torchkernels,ours-int8,ours-int8-torchkernels,hf-loop,hf-generate \
-        --accuracy-steps 48 --arrange-formats fp32,int8      # issue 13's run (all steps: ~20 min)
+        --methods ours-fp32,ours-bf16,ours-bf16-unfused,ours-int8,ours-int8-unfused,ours-int8-dynamic,hf-loop,hf-generate \
+        --accuracy-steps 48 --arrange-formats fp32,int8      # issue 13's run (all steps: ~22 min)
 
 Besides the rows, `--accuracy-steps N` (default 48, 0 = off) measures each weight format
 against fp32 teacher-forced over N steps (max logit error, top-1 agreement, KL of the guided
@@ -83,13 +85,18 @@ OURS_FORCED_KV = {"ours-bf16-halfkv": ("bf16", torch.bfloat16), "ours-int8-halfk
                   "ours-fp32-halfkv": ("fp32", torch.bfloat16), "ours-fp32-int8kv": ("fp32", torch.int8)}
 # int8 with the decode kernel forced (stage_stack.machine, int8_decode): the other side of that
 # choice, measured in the same run
-OURS_INT8_KERNEL = {"ours-int8-weightonly": "weight_only", "ours-int8-dynamic": "dynamic"}
+OURS_INT8_KERNEL = {"ours-int8-weightonly": "weight_only", "ours-int8-dynamic": "dynamic",
+                    "ours-int8-native": "native"}
+# The same formats with each block's own ops in a decode step instead of the fused native halves
+# (models.fused_step; StageLM.fused_decode = False): the other side of that change, in the same run
+OURS_UNFUSED = {"ours-bf16-unfused": "bf16", "ours-int8-unfused": "int8"}
 # The same formats with torch's kernels where this machine chose stage_stack.native's (the bf16
 # product of a decode step, one query's attention over an int8 cache): the other side of those
 # choices, measured in the same run
 OURS_TORCH_KERNELS = {"ours-fp32-torchkernels": "fp32", "ours-bf16-torchkernels": "bf16",
                       "ours-int8-torchkernels": "int8"}
-METHODS = (*OURS, *OURS_FORCED_KV, *OURS_INT8_KERNEL, *OURS_TORCH_KERNELS, "full-recompute", "hf-generate", "hf-loop")
+METHODS = (*OURS, *OURS_FORCED_KV, *OURS_INT8_KERNEL, *OURS_TORCH_KERNELS, *OURS_UNFUSED, "full-recompute",
+           "hf-generate", "hf-loop")
 CONFIGS = ("nocross", "cross")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "generation_speed.json"
 CFG_COEF = 3.0
@@ -575,9 +582,11 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     with torch.no_grad():
         if method in OURS or method in OURS_FORCED_KV or method in OURS_INT8_KERNEL or method in OURS_TORCH_KERNELS \
-                or method == "full-recompute":
+                or method in OURS_UNFUSED or method == "full-recompute":
             if method in OURS_INT8_KERNEL:
                 fmt, forced_kv = "int8", None
+            elif method in OURS_UNFUSED:
+                fmt, forced_kv = OURS_UNFUSED[method], None
             elif method in OURS_TORCH_KERNELS:
                 fmt, forced_kv = OURS_TORCH_KERNELS[method], None
                 use_torch_kernels()
@@ -585,6 +594,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
                 fmt, forced_kv = (OURS[method], None) if method in OURS else OURS_FORCED_KV.get(method, ("fp32", None))
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(fmt, fmt)
             model = build_ours(work, dtype, OURS_INT8_KERNEL.get(method))
+            model.fused_decode = method not in OURS_UNFUSED
             row["build_s"] = time.perf_counter() - t0
             weight_bytes = sum(size for _, size in named_weight_bytes(model))
             dtype = fmt
@@ -852,8 +862,9 @@ def summarize(rows: list[dict[str, Any]], bandwidth: dict[int, float], isolated:
         group = [r for r in rows if r.get("thread_setting", "auto") == threads]
         fp32, bf16, int8, int4 = (_find(group, config, m) for m in OURS)
         bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv, fp32_hkv, fp32_i8kv = (_find(group, config, m) for m in OURS_FORCED_KV)
-        int8_wo, int8_dyn = (_find(group, config, m) for m in OURS_INT8_KERNEL)
+        int8_wo, int8_dyn, int8_nat = (_find(group, config, m) for m in OURS_INT8_KERNEL)
         fp32_tk, bf16_tk, int8_tk = (_find(group, config, m) for m in OURS_TORCH_KERNELS)
+        bf16_uf, int8_uf = (_find(group, config, m) for m in OURS_UNFUSED)
         recompute, hf_gen, hf_loop = (_find(group, config, m) for m in ("full-recompute", "hf-generate", "hf-loop"))
         pairs = [
             ("ours fp32 / full-recompute", fp32, recompute, TARGET_OURS_VS_RECOMPUTE, "steps_per_s"),
@@ -887,6 +898,12 @@ def summarize(rows: list[dict[str, Any]], bandwidth: dict[int, float], isolated:
             ("ours int8 / ours int8 with torch's kernels", int8, int8_tk, None, "decode_steps_per_cpu_s"),
             ("ours int8 with torch's kernels / ours bf16 with torch's kernels", int8_tk, bf16_tk, TARGET_INT8_VS_BF16,
              "decode_steps_per_s"),
+            ("ours int8 native / ours int8 dynamic", int8_nat, int8_dyn, None, "decode_steps_per_s"),
+            ("ours int8 native / ours bf16", int8_nat, bf16, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
+            ("ours bf16 / ours bf16 unfused", bf16, bf16_uf, None, "decode_steps_per_s"),
+            ("ours int8 / ours int8 unfused", int8, int8_uf, None, "decode_steps_per_s"),
+            ("ours int8 unfused / ours bf16 unfused", int8_uf, bf16_uf, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
+            ("ours int8 dynamic / ours bf16 unfused", int8_dyn, bf16_uf, TARGET_INT8_VS_BF16, "decode_steps_per_s"),
         ]
         for name, a, b, target, key in pairs:
             value = _ratio(a, b, key)
@@ -899,7 +916,7 @@ def summarize(rows: list[dict[str, Any]], bandwidth: dict[int, float], isolated:
                             "value": bf16["bound_share"], "limit": TARGET_BF16_SHARE,
                             "met": bf16["bound_share"] >= TARGET_BF16_SHARE})
         for r in (fp32, bf16, int8, int4, bf16_hkv, int8_hkv, bf16_i8kv, int8_i8kv, fp32_hkv, fp32_i8kv, int8_wo,
-                  int8_dyn, fp32_tk, bf16_tk, int8_tk):
+                  int8_dyn, int8_nat, fp32_tk, bf16_tk, int8_tk, bf16_uf, int8_uf):
             if r is not None and "rss_ok" in r:
                 targets.append({"config": config, "threads": threads,
                                 "target": f"{r['method']} peak RSS <= 1.2 x weights + 300 MB",
@@ -935,10 +952,16 @@ METHOD_NOTES = {
                  "CPU, see runtime.kernels); CFG mixing and sampling in float32.",
     "ours-int8": "int8 block linears (per output channel), bf16 embeddings and heads; built on the meta device and "
                  "quantized one matrix at a time, as load_expert does. The decode product is this machine's choice "
-                 "(runtime.kernels.int8_decode): aten._weight_int8pack_mm with bf16 activations, or fbgemm's "
-                 "quantized.linear_dynamic with the activations quantized to 8 bits per call.",
+                 "(runtime.kernels.int8_decode): aten._weight_int8pack_mm with bf16 activations, fbgemm's "
+                 "quantized.linear_dynamic with the activations quantized to 8 bits per call, or stage_stack.native's "
+                 "with 8 bits per row (then each block of a decode step runs as two fused native calls).",
     "ours-int8-weightonly": "ours-int8 with the decode product forced to aten._weight_int8pack_mm (bf16 activations).",
-    "ours-int8-dynamic": "ours-int8 with the decode product forced to fbgemm's quantized.linear_dynamic.",
+    "ours-int8-dynamic": "ours-int8 with the decode product forced to fbgemm's quantized.linear_dynamic (whose "
+                         "packed matrices the fused decode blocks cannot read: each block's own ops).",
+    "ours-int8-native": "ours-int8 with the product forced to stage_stack.native's (8-bit rows, plain int8 matrix).",
+    "ours-bf16-unfused": "ours-bf16 with each block's own ops in a decode step (StageLM.fused_decode = False) instead "
+                         "of the two fused native calls per block (models.fused_step).",
+    "ours-int8-unfused": "ours-int8 likewise.",
     "ours-fp32-torchkernels": "ours-fp32 with torch's kernels where this machine chose stage_stack.native's (one "
                               "query's attention over the int8 KV cache: two products after a float32 copy).",
     "ours-bf16-torchkernels": "ours-bf16 with torch's kernels where this machine chose stage_stack.native's (the bf16 "

@@ -17,6 +17,7 @@ from pydantic import AfterValidator
 from .decoding import StepMode, StepRunner, resolve_mode
 from .layout import UNFILLED, GenerationBatch, TokenLayout
 from .machine import SMALL_MODEL_PARAMS, decode_threads
+from .models.fused_step import fusable
 from .models.quant import is_quantized, release_freed_memory, weight_count
 from .models.stage_lm import RowGroup, StageLM
 
@@ -251,6 +252,8 @@ def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eage
     if weights.device.type != "cpu":
         return None
     if (n_params if n_params is not None else weight_count(lm)) < SMALL_MODEL_PARAMS:
+        if mode == "eager" and fusable(lm):  # its blocks then run as two native calls each
+            return torch.int8
         return torch.float32 if weights.dtype in (torch.bfloat16, torch.float16) else None
     return torch.int8 if mode == "eager" or is_quantized(lm) else None
 

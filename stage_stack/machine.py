@@ -210,8 +210,8 @@ class KernelChoices:
     decode_attention_fp32: Literal["sdpa", "matmul"]
     decode_attention_half: Literal["sdpa", "matmul"]
     # int8 block linears in a decode step (models.quant.Int8Linear): aten's weight-only kernel,
-    # or fbgemm's with the activations quantized too
-    int8_decode: Literal["weight_only", "dynamic"]
+    # or fbgemm's or stage_stack.native's with the activations quantized too
+    int8_decode: Literal["weight_only", "dynamic", "native"]
     # bf16 products of <= 4 rows (stage_lm.Linear, and with them the GELU after a big fc1), and a
     # decode step's attention over an int8 KV cache with the step's quantized store
     # (stage_lm._native_decode_attention, quantized_attention): torch's kernels, or stage_stack.native's
@@ -230,7 +230,7 @@ class KernelChoices:
 HALF_KV_SLOWDOWN = 1.25
 PROBE_LAYERS = 6
 # Part of the cache key: a changed probe measures again instead of trusting an older one's choice.
-PROBE_VERSION = 4
+PROBE_VERSION = 5
 
 
 def _time_ms(fn, repeats: int = 8) -> float:
@@ -320,10 +320,29 @@ def _probe() -> KernelChoices:
         skinny_fp32_linear="w_xt" if ms["fp32_w_xt"] < 0.9 * ms["fp32_linear"] else "linear",
         half_kv_cache="float32" if best["bf16"] > HALF_KV_SLOWDOWN * best["fp32"] else "model",
         decode_attention_fp32=fp32, decode_attention_half=half,
-        int8_decode="dynamic" if ms.get("int8_dynamic", float("inf")) < 0.9 * ms["int8_weight_only"] else "weight_only",
+        int8_decode=_pick_int8(ms),
         bf16_decode_linear="native" if ms.get("bf16_native", float("inf")) < 0.9 * ms["bf16_linear"] else "linear",
         decode_attention_int8="native" if ms.get("attn_int8_native", float("inf")) < 0.9 * ms["attn_int8"] else "matmul",
         source="probe", probe_ms=ms)
+
+
+# The native int8 product also lets a decode step's blocks run as two native calls each
+# (models.fused_step), which fbgemm's packed matrices cannot: that saved 4-6 ms of a 21-29 ms int8
+# step at MusicGen-small size on an AMD EPYC (benchmarks/README.md, "Fused decode blocks"), where
+# the two products alone timed within 2 % of each other. So it stays the choice unless fbgemm's
+# product alone is this much faster.
+NATIVE_INT8_MARGIN = 1.1
+
+
+def _pick_int8(ms: dict) -> str:
+    """The int8 product for decode steps: the fastest that beats aten's weight-only kernel (the
+    default) by 10 %, the native one unless fbgemm's is NATIVE_INT8_MARGIN times faster."""
+    timed = {k: ms[f"int8_{k}"] for k in ("dynamic", "native") if f"int8_{k}" in ms}
+    if "native" in timed and timed["native"] <= NATIVE_INT8_MARGIN * timed.get("dynamic", float("inf")):
+        best = "native"
+    else:
+        best = min(timed, key=timed.get, default=None)
+    return best if best is not None and timed[best] < 0.9 * ms["int8_weight_only"] else "weight_only"
 
 
 # int8 matrices the probe streams: 24 x 4 MB, more than the last-level cache of the CPUs seen
@@ -333,7 +352,9 @@ PROBE_INT8_MATRICES = 24
 
 def _probe_int8(gen: torch.Generator, x: torch.Tensor) -> dict:
     """ms per 2-row 1024 -> 4096 int8 product: aten's weight-only kernel (bf16 activations) and,
-    where this torch has it, fbgemm's with 8-bit activations (models.quant)."""
+    where they run here, fbgemm's and stage_stack.native's with 8-bit activations (models.quant);
+    each with its own row scaling, as Int8Linear calls it."""
+    from . import native
     from .models.quant import dynamic_int8_available, linear_dynamic, pack_dynamic
 
     qs = [torch.randint(-127, 128, (4096, 1024), dtype=torch.int8, generator=gen) for _ in range(PROBE_INT8_MATRICES)]
@@ -341,10 +362,24 @@ def _probe_int8(gen: torch.Generator, x: torch.Tensor) -> dict:
     xb, scale_b = x.to(torch.bfloat16), scale.to(torch.bfloat16)
     ms = {"int8_weight_only": _time_ms(lambda: [torch.ops.aten._weight_int8pack_mm(xb, q, scale_b) for q in qs],
                                        repeats=4) / len(qs)}
+    if native.load().linear_int8:
+        sums = [native.int8_row_sums(q) for q in qs]
+        ms["int8_native"] = _time_ms(lambda: [native.linear_int8(xb, q, s, scale, torch.bfloat16)  # one level: 4 MB
+                                              for q, s in zip(qs, sums)], repeats=4) / len(qs)
+        del sums
     if dynamic_int8_available():
         try:
             packed = [pack_dynamic(qs.pop(), scale) for _ in range(len(qs))]
-            ms["int8_dynamic"] = _time_ms(lambda: [linear_dynamic(x, p) for p in packed], repeats=4) / len(packed)
+
+            def dynamic() -> None:  # with the row scaling around it, as Int8Linear runs it
+                for p in packed:
+                    if native.load().library is not None:
+                        unit, peak = native.rows_to_unit(xb)
+                        native.rows_scale(linear_dynamic(unit, p), peak, torch.bfloat16)
+                    else:
+                        peak = x.abs().amax(dim=1, keepdim=True)
+                        linear_dynamic(x / peak, p).mul_(peak).to(torch.bfloat16)
+            ms["int8_dynamic"] = _time_ms(dynamic, repeats=4) / len(packed)
         except RuntimeError:
             pass  # listed but not usable here: the weight-only kernel
     return ms

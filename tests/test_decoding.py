@@ -476,15 +476,20 @@ def test_int8_kv_cache_holds_half_a_bf16_cache_and_reads_back_each_step():
 def test_the_int8_cache_is_the_default_only_for_big_models(small_below, fmt, want, monkeypatch):
     import stage_stack.generation as generation
 
+    # torch's kernels (where the native ones run, a small model's blocks may run fused and take an
+    # int8 cache: the next test); a small model keeps a float32 cache under half-precision
+    # weights, whatever the probe says of half-precision attention at MusicGen size
+    # (stage_stack.machine.half_kv_cache)
+    torch_kernels = dataclasses.replace(machine.kernel_choices(), half_kv_cache="model", int8_decode="weight_only",
+                                        bf16_decode_linear="linear", decode_attention_int8="matmul")
+    monkeypatch.setattr(stage_lm, "_KERNELS", torch_kernels)
+    monkeypatch.setattr(machine, "kernel_choices", lambda: torch_kernels)
     lm = sharp_lm()
     if fmt == "bf16":
         lm = lm.to(torch.bfloat16)
     elif fmt is not None:
         quantize_(lm, fmt)
     monkeypatch.setattr(generation, "SMALL_MODEL_PARAMS", small_below)  # lm is "small" or "big"
-    # a small model keeps a float32 cache under half-precision weights, whatever the probe says
-    # of half-precision attention at MusicGen size (stage_stack.machine.half_kv_cache)
-    monkeypatch.setattr(stage_lm, "_KERNELS", dataclasses.replace(machine.kernel_choices(), half_kv_cache="model"))
     assert generation.default_kv_dtype(lm) == want
     # a compiled float step keeps the float cache (int8 with compile is not measured)
     assert generation.default_kv_dtype(lm, mode="compile") == (want if fmt not in (None, "bf16") or small_below > 1
@@ -493,6 +498,28 @@ def test_the_int8_cache_is_the_default_only_for_big_models(small_below, fmt, wan
     generate(lm, context(), 3, params=GREEDY)
     assert caches[0].quantized == (want == torch.int8)
     assert caches[0].keys[0][0].dtype == (want or torch.float32)
+
+
+@pytest.mark.skipif(not (native.load().linear_bf16 and native.load().linear_int8 and native.load().avx512),
+                    reason=f"native kernels: {native.load().reason}")
+@pytest.mark.parametrize("fmt", ["int8", "bf16", "fp32"])
+def test_a_small_model_whose_blocks_run_fused_takes_an_int8_cache(fmt, monkeypatch):
+    import stage_stack.generation as generation
+
+    native_kernels = dataclasses.replace(machine.kernel_choices(), int8_decode="native", bf16_decode_linear="native",
+                                         decode_attention_int8="native")
+    monkeypatch.setattr(stage_lm, "_KERNELS", native_kernels)
+    monkeypatch.setattr(machine, "kernel_choices", lambda: native_kernels)
+    lm = sharp_lm()
+    if fmt == "bf16":
+        lm = lm.to(torch.bfloat16)
+    elif fmt == "int8":
+        quantize_(lm, fmt)
+    want = None if fmt == "fp32" else torch.int8  # float32 weights do not run fused: no int8 cache for them
+    assert generation.default_kv_dtype(lm) == want
+    assert generation.default_kv_dtype(lm, mode="compile") in (None, torch.float32)  # a compiled step is not fused
+    lm.fused_decode = False
+    assert generation.default_kv_dtype(lm) in (None, torch.float32)
 
 
 @pytest.mark.parametrize("small_below, fmt, chunk", [(1, "int8", 32), (1, "int4", 32), (1, None, 128),
@@ -635,10 +662,10 @@ def test_decode_attention_kernels_give_the_same_tokens(monkeypatch, kv_dtype):
 
 def test_probe_keeps_a_half_precision_cache_unless_much_slower(monkeypatch):
     monkeypatch.setattr(quant, "dynamic_int8_available", lambda: True)
-    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, True, True, ""))
+    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, True, True, True, ""))
     # in the order _probe times them; each int8 time is per matrix (the probe divides a pass by 24),
     # each native one per matrix (/ 12) or per layer (/ 6)
-    times = {"fp32_linear": 1.0, "fp32_w_xt": 1.0, "int8_weight_only": 24.0, "int8_dynamic": 12.0,
+    times = {"fp32_linear": 1.0, "fp32_w_xt": 1.0, "int8_weight_only": 24.0, "int8_native": 15.0, "int8_dynamic": 12.0,
              "bf16_linear": 12.0, "bf16_native": 6.0, "attn_int8": 6.0, "attn_int8_native": 5.8,
              "attn_fp32": 1.0, "attn_fp32_matmul": 0.5, "attn_bf16": 5.0, "attn_bf16_matmul": 0.6}
     monkeypatch.setattr(machine, "_time_ms", lambda fn, repeats=8: times[next(order)])
@@ -647,21 +674,22 @@ def test_probe_keeps_a_half_precision_cache_unless_much_slower(monkeypatch):
     # bf16 via two products is 1.2x the float32 best: under HALF_KV_SLOWDOWN, so the cache stays bf16
     assert (choices.decode_attention_fp32, choices.decode_attention_half, choices.half_kv_cache) == (
         "matmul", "matmul", "model")
-    assert choices.int8_decode == "dynamic" and choices.probe_ms["int8_dynamic"] == 0.5
+    assert choices.int8_decode == "dynamic" and choices.probe_ms["int8_dynamic"] == 0.5  # the fastest of three
     # native's product wins by 2x, its attention by 3 %: under the 10 % an alternative needs
     assert (choices.bf16_decode_linear, choices.decode_attention_int8) == ("native", "matmul")
-    times.update(attn_bf16_matmul=0.9, int8_dynamic=23.0, bf16_native=11.5, attn_int8_native=2.0)
+    times.update(attn_bf16_matmul=0.9, int8_native=10.0, int8_dynamic=23.0, bf16_native=11.5, attn_int8_native=2.0)
     order = iter(times)
     again = machine._probe()
-    assert again.half_kv_cache == "float32" and again.int8_decode == "weight_only"
+    assert again.half_kv_cache == "float32" and again.int8_decode == "native"
     assert (again.bf16_decode_linear, again.decode_attention_int8) == ("linear", "native")
     # a machine where the kernels cannot run never times them, and keeps torch's
-    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, False, False, "no compiler"))
+    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, False, False, False, "no compiler"))
     times = {k: v for k, v in times.items() if "native" not in k}
     order = iter(times)
     without = machine._probe()
     assert (without.bf16_decode_linear, without.decode_attention_int8) == ("linear", "matmul")
-    assert not {"bf16_native", "attn_int8_native"} & set(without.probe_ms)
+    assert without.int8_decode == "weight_only"  # fbgemm's 23 of 24: under the 10 % it needs
+    assert not {"bf16_native", "int8_native", "attn_int8_native"} & set(without.probe_ms)
 
 
 def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):
@@ -671,7 +699,7 @@ def test_kernel_probe_is_cached_per_machine(tmp_path, monkeypatch):
     first = machine.kernel_choices()
     assert first.source == "probe" and set(first.probe_ms) >= {"fp32_linear", "fp32_w_xt", "attn_fp32", "attn_bf16",
                                                            "attn_fp32_matmul", "attn_bf16_matmul", "int8_weight_only"}
-    assert first.int8_decode in ("weight_only", "dynamic")
+    assert first.int8_decode in ("weight_only", "dynamic", "native")
     stored = json.loads((tmp_path / "kernels.json").read_text())
     assert machine.cpu_model() in next(iter(stored))
     machine._kernel_choices.cache_clear()

@@ -27,6 +27,7 @@ from stage_stack.models.stage_lm import QuantizedKV, StageLM, StageLMConfig, ini
 BUILT = native.load()
 needs_linear = pytest.mark.skipif(not BUILT.linear_bf16, reason=f"native bf16 product: {BUILT.reason}")
 needs_attend = pytest.mark.skipif(not BUILT.avx512, reason=f"native int8 attention: {BUILT.reason}")
+needs_int8 = pytest.mark.skipif(not BUILT.linear_int8, reason=f"native int8 product: {BUILT.reason}")
 GREEDY = SamplingParams(greedy=True)
 
 
@@ -128,6 +129,7 @@ def context(lengths=(9, 5), seed=1):
 @pytest.mark.parametrize("static", [False, True])
 def test_a_bf16_model_decodes_the_same_tokens_with_the_native_kernels(monkeypatch, static):
     lm = sharp_bf16_lm()
+    lm.fused_decode = False  # each kernel called on its own (the fused blocks: test_fused_blocks_...)
     runs = {}
     for kernels in ("torch", "native"):
         monkeypatch.setattr(stage_lm, "_KERNELS", dataclasses.replace(
@@ -255,6 +257,194 @@ def test_training_keeps_torch_products(monkeypatch):
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
+# -- int8 products ----------------------------------------------------------------------------------
+
+def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """What stage_linear_int8 computes, in torch: each row of x to 8 bits over [min(x, 0), max(x, 0)]
+    with its own scale and zero point (fbgemm's rule; halves to even), with two levels also what
+    the first leaves at a scale 254 times finer; exact integer products, then the scales."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    lo = flat.amin(dim=1, keepdim=True).clamp_max(0)
+    hi = flat.amax(dim=1, keepdim=True).clamp_min(0)
+    xs = (hi - lo).clamp_min(1e-12) / 255
+    xz = (-lo / xs).round().clamp(0, 255)
+    xq = ((flat * (1 / xs)).round() + xz).clamp(0, 255)
+    parts = [(xq - xz, xs)]
+    if levels == 2:
+        s2 = xs / 254
+        rest = (flat.double() - (xq - xz).double() * xs.double()).float()  # one rounding, as the kernel's fnmadd
+        parts.append(((rest * (1 / s2)).clamp(-127, 127).round(), s2))
+    out = sum((qi.double() @ q.double().t()).float() * scale * si for qi, si in parts)  # exact: |dot| < 2^53
+    return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 32])  # 5, 32: a prefill chunk's 4 x 4 tiles and its last rows
+@pytest.mark.parametrize("n,k", [(96, 64), (42, 70), (300, 1000)])  # 42: a partial last tile; 70, 1000: a partial block
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("levels", [1, 2])
+def test_int8_product_equals_its_integer_reference(rows, n, k, dtype, levels):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w = torch.randn(n, k, generator=g)
+    scale = w.abs().amax(dim=1) / 127
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    x = (torch.randn(rows, 1, k, generator=g) * torch.logspace(-3, 2, rows)[:, None, None]).to(dtype)
+    x[0, 0, : k // 3] = 0  # zeros and a wide range of row scales
+    if rows > 1:
+        x[1] = F.gelu(x[1].float()).to(dtype)  # a GELU's output: nearly all >= -0.17, what the zero point is for
+    sums = native.int8_row_sums(q)
+    got = native.linear_int8(x, q, sums, scale, torch.float32, levels)
+    want = int8_reference(x, q, scale, levels)
+    assert got.shape == (rows, 1, n)
+    assert ((got - want).abs() <= 1e-5 * want.abs().amax(dim=-1, keepdim=True)).all()  # float rounding only
+    as_bf16 = native.linear_int8(x, q, sums, scale, torch.bfloat16, levels)
+    assert as_bf16.dtype == torch.bfloat16 and ((as_bf16.float() - want).abs() <= want.abs() / 128 + 1e-30).all()
+    # against the float product of the same int8 matrix: 8-bit rows err by ~1 % of the largest
+    # output, two levels by ~1e-4
+    exact = x.double() @ (q.double() * scale[:, None].double()).t()
+    bound = 0.03 if levels == 1 else 3e-4
+    assert ((got - exact).abs().amax(dim=-1) <= bound * exact.abs().amax(dim=-1)).all()
+
+
+@needs_int8
+def test_int8_product_rejects_what_it_cannot_take():
+    q = torch.zeros(8, 16, dtype=torch.int8)
+    sums, scale = native.int8_row_sums(q), torch.ones(8)
+    with pytest.raises(ValueError, match="contiguous int8 weight"):
+        native.linear_int8(torch.randn(2, 16), q.t().contiguous().t(), sums, scale, torch.float32)
+    with pytest.raises(ValueError, match="rows of 16"):
+        native.linear_int8(torch.randn(2, 15), q, sums, scale, torch.float32)
+    with pytest.raises(ValueError, match="float32 scales"):
+        native.linear_int8(torch.randn(2, 16), q, sums, scale.to(torch.bfloat16), torch.float32)
+    with pytest.raises(ValueError, match="1 or 2 levels"):
+        native.linear_int8(torch.randn(2, 16), q, sums, scale, torch.float32, levels=3)
+
+
+@needs_int8
+def test_an_int8_linear_on_the_native_kernel_agrees_with_the_others_and_saves_the_same_state(monkeypatch):
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(7)) * 0.02
+    layers = {}
+    for kernel in ("native", "weight_only") + (("dynamic",) if quant.dynamic_int8_available() else ()):
+        layers[kernel] = quant.Int8Linear(1024, 1024, kernel=kernel)
+        layers[kernel].set_weight(w)
+    assert "native" in repr(layers["native"]) and layers["native"].native_operands() is not None
+    x = torch.randn(2, 1, 1024, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    exact = x.float() @ w.t()
+    with torch.inference_mode():
+        outs = {k: m(x).float() for k, m in layers.items()}
+        prefill = layers["native"](x.expand(2, 40, 1024)).float()
+    for k, y in outs.items():
+        assert ((y - exact).abs().max() <= 0.03 * exact.abs().max()), k
+    assert torch.equal(prefill[:, :1], outs["native"])  # a prefill chunk's rows get the decode step's values
+    state = layers["native"].state_dict()
+    assert state.keys() == layers["weight_only"].state_dict().keys()
+    assert torch.equal(state["weight"], layers["weight_only"].weight)
+    # a matrix loaded as state (an expert file's int8 weights): the row sums follow it
+    other = quant.Int8Linear(1024, 1024, kernel="native")
+    other.set_weight(torch.randn(1024, 1024) * 0.02)
+    before = other.native_operands()[0].clone()
+    other.load_state_dict(state)
+    assert not torch.equal(other.native_operands()[0], before)
+    with torch.inference_mode():
+        assert torch.equal(other(x), layers["native"](x))
+    # the native product takes small matrices too (a small expert's blocks then run fused); fbgemm's
+    # below DYNAMIC_MIN_WEIGHTS gives way to aten's weight-only kernel
+    small = quant.Int8Linear(256, 256, kernel="native")
+    small.set_weight(torch.randn(256, 256))
+    assert small.native_operands() is not None and "native" in repr(small) and small.native_levels == 2
+    assert layers["native"].native_levels == 1  # 1 M weights: streamed from memory, one level
+    if quant.dynamic_int8_available():
+        small_dynamic = quant.Int8Linear(256, 256, kernel="dynamic")
+        small_dynamic.set_weight(torch.randn(256, 256))
+        assert small_dynamic.native_operands() is None and "weight-only" in repr(small_dynamic)
+
+
+# -- fused decode blocks ----------------------------------------------------------------------------
+
+def fused_lm(fmt: str, cross: bool = False) -> StageLM:
+    config = dataclasses.replace(CONFIG, cross_attention=cross, text_dim=32)
+    lm = init_weights(StageLM(config), seed=0).eval()
+    with torch.no_grad():
+        for head in lm.heads:
+            head.weight.mul_(20)  # well-separated greedy choices
+    if fmt == "int8":
+        return quant.quantize_(lm, "int8")
+    return lm.to(torch.bfloat16)
+
+
+@needs_linear
+@needs_attend
+@needs_int8
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_fused_blocks_decode_the_same_tokens_as_the_blocks_own_ops(monkeypatch, fmt, static, cross):
+    # every native kernel chosen; small matrices take the native int8 product too
+    monkeypatch.setattr(stage_lm, "_KERNELS", dataclasses.replace(
+        machine.kernel_choices(), bf16_decode_linear="native", decode_attention_int8="native", int8_decode="native"))
+    monkeypatch.setattr(quant.Int8Linear, "DYNAMIC_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(machine, "kernel_choices", lambda: stage_lm._KERNELS)
+    lm = fused_lm(fmt, cross)
+    text = None
+    if cross:
+        g = torch.Generator().manual_seed(2)
+        mask = torch.tensor([[True, True, False]])
+        text = (lm.project_text(torch.randn(1, 3, 32, generator=g).to(torch.bfloat16), mask), mask)
+    from stage_stack.models import fused_step
+
+    halves = []
+    real = fused_step.StepPlan.attention
+    monkeypatch.setattr(fused_step.StepPlan, "attention", lambda self, *a: halves.append(1) or real(self, *a))
+    runs = {}
+    for fused in (False, True):
+        lm.fused_decode = fused
+        halves.clear()
+        runs[fused] = generate(lm, context(lengths=(9,)), 12, params=GREEDY, return_steps=True, kv_dtype=torch.int8,
+                               static_cache=static, num_samples=2, text_memory=text)  # 2 samples x 2 CFG halves
+        # every step after the prefill (12 frames + n_q - 1 delay steps in all): one fused attention
+        # half per layer, none unfused
+        assert len(halves) == ((12 + CONFIG.n_q - 2) * CONFIG.n_layers if fused else 0)
+    (u_codes, u_steps), (f_codes, f_steps) = runs[False], runs[True]
+    assert torch.equal(u_codes, f_codes)
+    # the same ops in the same order; LayerNorm's float sums may differ in their last bits
+    assert (u_steps.float() - f_steps.float()).abs().max() < 0.02 * u_steps.float().abs().max()
+
+
+@needs_linear
+@needs_attend
+def test_fused_blocks_run_only_where_a_decode_step_can_use_them(monkeypatch):
+    from stage_stack.models import fused_step
+
+    monkeypatch.setattr(stage_lm, "_KERNELS", dataclasses.replace(
+        machine.kernel_choices(), bf16_decode_linear="native", decode_attention_int8="native"))
+    lm = fused_lm("bf16")
+    x = torch.zeros(2, 1, CONFIG.dim, dtype=torch.bfloat16)
+    valid = torch.ones(2, 1, 1, dtype=torch.bfloat16)
+
+    def plan(model=lm, x=x, dtype=torch.int8, static=False):
+        cache = model.new_cache(2, 16, dtype=dtype, static=static)
+        allowed = torch.ones(2, 1, 1, 1, dtype=torch.bool)
+        return fused_step.step_plan(model, x, cache, (stage_lm._attention_mask(allowed),), valid)
+
+    assert plan() is not None and fused_step.block_plan(lm.blocks[0]) is not None
+    assert plan(dtype=torch.bfloat16) is None  # a float cache: the blocks' own attention
+    assert plan(x=torch.zeros(2, 3, CONFIG.dim, dtype=torch.bfloat16)) is None  # a prefill chunk
+    assert plan(x=torch.zeros(5, 1, CONFIG.dim, dtype=torch.bfloat16)) is None  # more rows than the products take
+    fp32 = init_weights(StageLM(CONFIG), seed=0).eval()
+    assert plan(model=fp32, x=x.float()) is None  # float32 weights
+    lm.fused_decode = False
+    assert plan() is None
+    lm.fused_decode = True
+    # the block's plan follows its weights: changed in place, it is rebuilt
+    first = fused_step.block_plan(lm.blocks[0])
+    assert fused_step.block_plan(lm.blocks[0]) is first
+    with torch.no_grad():
+        lm.blocks[0].ffn_norm.weight.mul_(2)
+    assert fused_step.block_plan(lm.blocks[0]) is not first
+    monkeypatch.setattr(stage_lm, "_KERNELS", dataclasses.replace(stage_lm._KERNELS, bf16_decode_linear="linear"))
+    assert fused_step.block_plan(lm.blocks[1]) is None  # torch's bf16 products chosen: no native matrix
+
+
 # -- building: fallback, lock, a build killed half-way ---------------------------------------------
 
 def _load_in_subprocess(env: dict, code: str = "") -> subprocess.CompletedProcess:
@@ -330,7 +520,8 @@ def test_doctor_says_whether_the_native_kernels_run_here(isolated, monkeypatch):
     result = CliRunner().invoke(cli, ["doctor"], catch_exceptions=False)
     if BUILT.linear_bf16 and BUILT.avx512:
         assert "[ ok ] native kernels" in result.stdout and "chosen here: bf16 products" in result.stdout
-    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, False, False, "no C compiler found"))
+    monkeypatch.setattr(native, "load", lambda: native.NativeStatus(None, None, False, False, False,
+                                                                    "no C compiler found"))
     result = CliRunner().invoke(cli, ["doctor"], catch_exceptions=False)
     assert "[warn] native kernels" in result.stdout and "no C compiler found; decoding uses torch's kernels" in result.stdout
     assert result.exit_code == 0, result.output  # a warning: decoding still works

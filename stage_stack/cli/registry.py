@@ -189,7 +189,8 @@ def _check_native_kernels(report: Report) -> None:
         return
     k = kernel_choices()
     report.line("ok", "native kernels", f"{built.path.name}; chosen here: bf16 products {k.bf16_decode_linear}, "
-                                        f"int8-cache attention {k.decode_attention_int8}")
+                                        f"int8 products {k.int8_decode}, int8-cache attention "
+                                        f"{k.decode_attention_int8}")
 
 
 def _check_torch(report: Report) -> bool:

@@ -13,9 +13,13 @@ The products are torch's CPU kernels: `aten._weight_int8pack_mm(x, q, scale)` an
 model may instead quantize its activations too, one scale per row, and run fbgemm's packed int8
 GEMM (`quantized.linear_dynamic`): at MusicGen-small size on an AMD EPYC that decoded 1.45-2.2x
 as fast as `_weight_int8pack_mm` on one thread, for a larger error (benchmarks/README.md, "int8
-decode on fbgemm's kernel"). Which of the two runs is a per-machine choice (stage_stack.machine,
-`int8_decode`). Quantization happens at load time from the float weights of an expert file
-(stage_stack.expert), one matrix at a time, so a float copy of the whole model never exists.
+decode on fbgemm's kernel"). On a CPU with AVX512-VNNI, stage_stack.native's product does the same
+(a scale and zero point per row of activations; two 8-bit levels for a small matrix) on the plain
+int8 matrix, which a decode step's fused blocks read from C (benchmarks/README.md, "Native int8
+products and fused decode blocks"). Which of the three runs is a per-machine choice
+(stage_stack.machine, `int8_decode`). Quantization happens at load time from the float weights of
+an expert file (stage_stack.expert), one matrix at a time, so a float copy of the whole model
+never exists.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import native
-from .stage_lm import gelu_of_product
+from .stage_lm import _needs_autograd, gelu_of_product
 
 INT4_GROUPS = (128, 64, 32)  # group sizes the int4 kernel takes, largest (fewest scales) first
 
@@ -36,7 +40,7 @@ def int4_group_size(in_features: int) -> int | None:
     return next((g for g in INT4_GROUPS if in_features % g == 0), None)
 
 
-Int8Kernel = Literal["weight_only", "dynamic"]
+Int8Kernel = Literal["weight_only", "dynamic", "native"]
 
 
 def dynamic_int8_available() -> bool:
@@ -75,11 +79,12 @@ def _native_rows() -> bool:
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T with int8 q [out, in] and a scale per output channel.
 
-    `kernel` picks the decode product: "weight_only" (bf16 activations) or "dynamic" (8-bit
-    activations, fbgemm; only for matrices of DYNAMIC_MIN_WEIGHTS or more, on the CPU). None:
-    this machine's choice (stage_stack.machine) when the weight is set. A "dynamic" module keeps
-    its matrix only in fbgemm's packed form (one copy in memory); `state_dict()` unpacks it, so
-    the saved state is the same under both kernels.
+    `kernel` picks the product: "weight_only" (bf16 activations), "dynamic" (8-bit activations,
+    fbgemm; for matrices of DYNAMIC_MIN_WEIGHTS or more) or "native" (8-bit activations,
+    stage_stack.native, on the plain matrix; any size), on the CPU. None: this machine's choice
+    (stage_stack.machine) when the weight is set. A "dynamic" module keeps its matrix only in
+    fbgemm's packed form (one copy in memory); `state_dict()` unpacks it, so the saved state is
+    the same under every kernel.
     """
 
     # At 256 x 256 the dynamic kernel's casts cost more than it saves (22 against 16 us per 2-row
@@ -94,6 +99,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self._packed = None
+        self._native = None  # (key, row sums, float32 scales) of the "native" kernel, see native_operands
 
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
@@ -101,23 +107,53 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.scales = scale.to(self.scales.dtype)
-        self._packed = None
-        if self._use_dynamic(q.device):
+        self._packed = self._native = None
+        if self._decode_kernel(q.device) == "dynamic":
             self._packed = pack_dynamic(q, scale)
             del q
             self.weight = torch.empty(0, dtype=torch.int8)  # the packed copy is the weight
         else:
             self.weight = q
+            self.native_operands()  # now, while the load trims the heap after each matrix
 
-    def _use_dynamic(self, device: torch.device) -> bool:
-        if device.type != "cpu" or self.in_features * self.out_features < self.DYNAMIC_MIN_WEIGHTS:
-            return False
+    def _decode_kernel(self, device: torch.device) -> str:
+        """The kernel this module's products run on: "weight_only" off the CPU, where the chosen
+        8-bit kernel is missing here, or for fbgemm's below DYNAMIC_MIN_WEIGHTS. The native kernel
+        takes every size: a small expert's step runs its blocks fused (models.fused_step), where a
+        product is a C call, not the torch op whose overhead the threshold is about."""
+        if device.type != "cpu":
+            return "weight_only"
         kernel = self.kernel
         if kernel is None:
             from ..machine import kernel_choices
 
             kernel = kernel_choices().int8_decode
-        return kernel == "dynamic" and dynamic_int8_available()
+        if kernel == "native" and native.load().linear_int8:
+            return "native"
+        if (kernel == "dynamic" and dynamic_int8_available()
+                and self.in_features * self.out_features >= self.DYNAMIC_MIN_WEIGHTS):
+            return "dynamic"
+        return "weight_only"
+
+    @property
+    def native_levels(self) -> int:
+        """8-bit levels per activation row in the native product: 2 (~15 bits, twice the integer
+        work) for a matrix under DYNAMIC_MIN_WEIGHTS, which stays in the caches and whose product is
+        cheap beside a small expert's per-step overhead; 1 for one streamed from memory, where the
+        second level would cost 35-40 % of the product's speed (benchmarks/README.md)."""
+        return 2 if self.in_features * self.out_features < self.DYNAMIC_MIN_WEIGHTS else 1
+
+    def native_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row sums, float32 scales) for stage_stack.native.linear_int8, or None where this module
+        does not run it. Derived from the weight and kept while it is unchanged (an expert file's
+        int8 matrix may also arrive through load_state_dict, not set_weight)."""
+        if self._packed is not None or self.weight.device.type != "cpu" or self.weight.dim() != 2 \
+                or self._decode_kernel(self.weight.device) != "native":
+            return None
+        key = (id(self.weight), self.weight._version, id(self.scales), self.scales._version)
+        if self._native is None or self._native[0] != key:
+            self._native = (key, native.int8_row_sums(self.weight), self.scales.float())
+        return self._native[1:]
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 matrix [out, in] (unpacked from fbgemm's form for a "dynamic" module)."""
@@ -142,7 +178,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         dtype = self.scales.dtype
-        if self._packed is not None:
+        operands = self.native_operands() if not _needs_autograd(x) else None
+        if operands is not None:  # one call: the rows' 8-bit quantization, the product and the scales
+            y = native.linear_int8(flat, self.weight, *operands, dtype, self.native_levels)
+        elif self._packed is not None:
             # fbgemm quantizes its input with one scale per call. Scaling each row to a peak of 1
             # first (and the product back) makes that one scale per row: over a ~1000-row prefill
             # the relative error fell from 7 % to 2.9 % (2.9 % on 2 rows; weight-only: 0.8 %).
@@ -168,7 +207,8 @@ class Int8Linear(nn.Module):
         return gelu_of_product(self(x), self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
-        kernel = "dynamic" if self._packed is not None else "weight-only"
+        kernel = ("dynamic" if self._packed is not None
+                  else "native" if self.native_operands() is not None else "weight-only")
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel, {kernel}"
 
 

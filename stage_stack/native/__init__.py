@@ -1,6 +1,7 @@
-"""Native CPU kernels for a decoding step: a bf16 product of a few rows, and one query's
-attention over an int8 KV cache (decode_kernels.c; why, in its header and in
-benchmarks/README.md, "Native decode kernels").
+"""Native CPU kernels for a decoding step: a bf16 product of a few rows, an int8 product with
+8-bit activations, one query's attention over an int8 KV cache, and a block's attention and
+feed-forward halves in one call each (decode_kernels.c; why, in its header and in
+benchmarks/README.md, "Native decode kernels" and "Fused decode blocks").
 
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) into the
 stage-stack home (`native/decode_kernels-<hash>.so`, the hash covering the source, the compiler
@@ -8,7 +9,8 @@ and its flags), under a lock so that two processes do not build the same file at
 loaded with ctypes: no torch headers, no build step at install time, ~0.5 s once per machine.
 
 Nothing here is required. Without a compiler, on a CPU without the instructions (x86-64 with
-AVX512-BF16 for the product, AVX512BW for the attention) or with `STAGE_STACK_NATIVE=0`,
+AVX512-BF16 for the bf16 product, AVX512-VNNI for the int8 one, AVX512BW for the attention) or
+with `STAGE_STACK_NATIVE=0`,
 `load()` says why and the model keeps torch's kernels. Whether a machine that can run them
 uses them is `stage_stack.machine.kernel_choices()`' decision, from a probe.
 """
@@ -28,7 +30,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11")
-ABI_VERSION = 1
+ABI_VERSION = 2
 LINEAR_MAX_ROWS = 4
 
 
@@ -39,6 +41,7 @@ class NativeStatus:
     library: ctypes.CDLL | None
     path: Path | None
     linear_bf16: bool
+    linear_int8: bool  # int8 products with 8-bit activations (AVX512-VNNI), models.quant.Int8Linear
     avx512: bool  # the int8-cache attention, the row scaling's partner kernels, GELU (AVX512F + BW)
     reason: str  # "" when both kernels can run
 
@@ -87,6 +90,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.stage_abi_version.restype = i32
     lib.stage_has_linear_bf16.restype = i32
     lib.stage_has_avx512.restype = i32
+    lib.stage_has_int8_vnni.restype = i32
+    lib.stage_linear_int8.argtypes = [p, p, p, p, i32, i64, p, i32, i64, i64, i64, i32, i32]
+    lib.stage_linear_int8.restype = i32
+    lib.stage_int8_row_sums.argtypes = [p, i64, i64, p]
+    lib.stage_int8_row_sums.restype = None
     lib.stage_linear_bf16.argtypes = [p, p, p, i64, i64, i64, i32]
     lib.stage_linear_bf16.restype = i32
     lib.stage_attend_int8.argtypes = [p] * 7 + [i64] * 8 + [i32]
@@ -99,13 +107,17 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.stage_rows_scale.restype = None
     lib.stage_gelu_bf16.argtypes = [p, i64]
     lib.stage_gelu_bf16.restype = None
+    lib.stage_attention_half.argtypes = [p, i64, i64, i64, p, p, p, i64, p, i32]
+    lib.stage_attention_half.restype = i32
+    lib.stage_ffn_half.argtypes = [p, i64, i64, p, i32]
+    lib.stage_ffn_half.restype = i32
 
 
 @lru_cache(maxsize=1)
 def load() -> NativeStatus:
     """Build (once per machine) and load the kernels; never raises."""
     def unavailable(reason: str, lib=None, path=None) -> NativeStatus:
-        return NativeStatus(lib, path, False, False, reason)
+        return NativeStatus(lib, path, False, False, False, reason)
 
     if os.environ.get("STAGE_STACK_NATIVE", "1").strip() == "0":
         return unavailable("turned off by STAGE_STACK_NATIVE=0")
@@ -126,12 +138,14 @@ def load() -> NativeStatus:
         return unavailable(f"the native kernels could not be built or loaded: {exc}")
     if lib.stage_abi_version() != ABI_VERSION:
         return unavailable(f"{path} has ABI {lib.stage_abi_version()}, expected {ABI_VERSION}: delete it", lib, path)
-    linear, avx512 = bool(lib.stage_has_linear_bf16()), bool(lib.stage_has_avx512())
+    linear, int8, avx512 = (bool(lib.stage_has_linear_bf16()), bool(lib.stage_has_int8_vnni()),
+                            bool(lib.stage_has_avx512()))
     missing = [what for what, ok in (("AVX512-BF16 (bf16 products)", linear),
+                                     ("AVX512-VNNI (int8 products)", int8),
                                      ("AVX512BW (int8-cache attention, GELU)", avx512))
                if not ok]
-    reason = f"this CPU lacks {' and '.join(missing)}" if missing else ""
-    return NativeStatus(lib, path, linear, avx512, reason)
+    reason = f"this CPU lacks {', '.join(missing)}" if missing else ""
+    return NativeStatus(lib, path, linear, int8, avx512, reason)
 
 
 def _library(kernel: str) -> ctypes.CDLL:
@@ -156,6 +170,49 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*x.shape[:-1], N), dtype=torch.bfloat16)
     lib.stage_linear_bf16(weight.data_ptr(), x.data_ptr(), out.data_ptr(), rows, N, K, torch.get_num_threads())
     return out
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, weight_sums: torch.Tensor, scales: torch.Tensor,
+                dtype: torch.dtype, levels: int = 1) -> torch.Tensor:
+    """x @ (weight * scales[:, None])^T in `dtype` (float32 or bf16) for float32 or bf16 `x`
+    [..., K] (any number of rows), a contiguous int8 `weight` [N, K], its row sums
+    (`int8_row_sums`) and float32 `scales` [N], on the CPU. Each row of x is quantized to 8 bits
+    with its own scale and zero point (fbgemm's rule), in `levels` levels: 1, or 2 (the second
+    for what the first leaves, ~15 bits in all, twice the integer work); the products accumulate
+    exactly in int32."""
+    lib = _library("linear_int8")
+    N, K = weight.shape
+    if (x.shape[-1] != K or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype is not torch.int8
+            or not weight.is_contiguous() or weight_sums.dtype is not torch.int32 or weight_sums.shape != (N,)
+            or scales.dtype is not torch.float32 or scales.shape != (N,) or dtype not in (torch.float32, torch.bfloat16)
+            or levels not in (1, 2) or not (x.device.type == weight.device.type == "cpu")):
+        raise ValueError(f"linear_int8 takes float32 or bf16 rows of {K} on the CPU, a contiguous int8 weight [N, K], "
+                         f"int32 row sums [N], float32 scales [N] and 1 or 2 levels; got x {tuple(x.shape)} {x.dtype}, "
+                         f"weight {tuple(weight.shape)} {weight.dtype}, sums {weight_sums.dtype}, scales "
+                         f"{scales.dtype}, levels {levels}")
+    flat = x.reshape(-1, K)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty((*x.shape[:-1], N), dtype=dtype)
+    if lib.stage_linear_int8(weight.data_ptr(), weight_sums.contiguous().data_ptr(), scales.contiguous().data_ptr(),
+                             flat.data_ptr(), int(flat.dtype is torch.bfloat16), flat.stride(0), out.data_ptr(),
+                             int(dtype is torch.bfloat16), flat.shape[0], N, K, levels, torch.get_num_threads()) != 0:
+        raise MemoryError(f"linear_int8: no memory for {flat.shape[0]} quantized rows of {K}")
+    return out
+
+
+def int8_row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """sum_k weight[n, k] as int32 [N] for a contiguous int8 CPU matrix: the correction linear_int8
+    needs for its unsigned inputs. In C where built (torch's sum to int32 copies the matrix to
+    int32 first, and those freed copies stayed resident: +126 MB at MusicGen-small size)."""
+    N, K = weight.shape
+    lib = load().library
+    if lib is None or weight.dtype is not torch.int8 or not weight.is_contiguous() or weight.device.type != "cpu":
+        return torch.cat([rows.sum(dim=1, dtype=torch.int32) for rows in weight.split(256)]) if N else \
+            torch.zeros(0, dtype=torch.int32)
+    sums = torch.empty(N, dtype=torch.int32)
+    lib.stage_int8_row_sums(weight.data_ptr(), N, K, sums.data_ptr())
+    return sums
 
 
 def attend_int8_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_scale: torch.Tensor,
