@@ -246,7 +246,10 @@ def default_kv_dtype(lm: StageLM, n_params: int | None = None, mode: str = "eage
     overhead, quantizing each step's keys adds ops for no bytes that matter, and a half-precision
     cache (static, read whole at every step) made the demo arrangement ~6 % slower than a float32
     one on an AMD EPYC (benchmarks/README.md, stop 33). The probe's `half_kv_cache` choice, timed
-    at MusicGen-small shapes, had flipped between runs and taken the demo experts with it.
+    at MusicGen-small shapes, had flipped between runs and taken the demo experts with it. Unless
+    their decode steps run fused (models.fused_step.fusable: bf16 or int8 weights on a CPU with the
+    native kernels), whose attention reads an int8 cache: the demo arrangement then ran 1.2-1.7x
+    as fast (benchmarks/README.md, stop 34).
     """
     weights = lm.final_norm.weight
     if weights.device.type != "cpu":

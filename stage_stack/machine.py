@@ -328,7 +328,8 @@ def _probe() -> KernelChoices:
 
 # The native int8 product also lets a decode step's blocks run as two native calls each
 # (models.fused_step), which fbgemm's packed matrices cannot: that saved 4-6 ms of a 21-29 ms int8
-# step at MusicGen-small size on an AMD EPYC (benchmarks/README.md, "Fused decode blocks"), where
+# step at MusicGen-small size on an AMD EPYC (benchmarks/README.md, "Native int8 products and
+# fused decode blocks"), where
 # the two products alone timed within 2 % of each other. So it stays the choice unless fbgemm's
 # product alone is this much faster.
 NATIVE_INT8_MARGIN = 1.1

@@ -4,7 +4,8 @@ of stage_lm.Block (stage_stack.native: `stage_attention_half`, `stage_ffn_half`)
 Why: once the products and the attention over the int8 cache ran in native kernels, about 5 ms of
 a 30-40 ms MusicGen-small step on one core was the Python and the small torch ops around them
 (two LayerNorms, the residuals and the query mask, the wrappers' checks: ~12 calls per layer), and
-int8 decoding could not reach 1.6x bf16 with them (benchmarks/README.md, "Fused decode blocks").
+int8 decoding could not reach 1.6x bf16 with them (benchmarks/README.md, "Native int8 products
+and fused decode blocks").
 Here each half is one call with the same math and the same bf16 rounding points as
 Block.forward's torch path (tests/test_native_kernels.py). A cross-attention, where a block has
 one, still runs in torch between the two halves.
@@ -136,11 +137,8 @@ class StepPlan:
                 hidden = hidden.to(torch.bool).contiguous()
             self._keep.append(hidden)
             T = hidden.shape[1]
-            if cache.static:  # a write before `first` lands in slot 0, hidden until step `first` overwrites it
-                skip, slot = 0, int(cache.slots[gi])
-            else:
-                span = cache._write_span(g, 1)
-                skip, slot = (1, 0) if span is None else (0, span[1])
+            slot = cache.decode_slot(gi)
+            skip, slot = (1, 0) if slot is None else (0, slot)
             if not skip and not (0 <= slot < steps and 0 < T <= steps):
                 raise ValueError(f"fused decode step: slot {slot} or {T} keys outside a cache of {steps} steps")
             groups.append(StepGroup(g.start, g.stop, skip, slot, T, hidden.data_ptr(), hidden.stride(0)))

@@ -254,6 +254,15 @@ class KVCache:
         skip = max(0, g.first - self.length)
         return None if skip >= S else (skip, self.length + skip - g.first)
 
+    def decode_slot(self, gi: int) -> int | None:
+        """The slot a one-step write of row group `gi` lands in, or None when this step is before the
+        group's first kept one in a dynamic cache (nothing kept, nothing to read). A static cache's
+        write before `first` lands in slot 0, hidden until step `first` overwrites it."""
+        if self.static:
+            return int(self.slots[gi])
+        span = self._write_span(self.groups[gi], 1)
+        return None if span is None else span[1]
+
     def advance(self, S: int) -> None:
         self.length += S
         self.step.fill_(self.length)
@@ -322,14 +331,10 @@ def _native_decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, mask
     B, _, width = qkv.shape
     out = torch.empty(B, 1, width // 3, dtype=qkv.dtype)
     for gi, (g, m) in enumerate(zip(cache.groups, masks)):
-        if cache.static:  # a write before `first` lands in slot 0, hidden until step `first` overwrites it
-            slot = int(cache.slots[gi])
-        else:
-            span = cache._write_span(g, 1)
-            if span is None:  # the step is before the group's first kept one: nothing kept, nothing to read
-                out[g.start : g.stop] = 0
-                continue
-            slot = span[1]
+        slot = cache.decode_slot(gi)
+        if slot is None:  # nothing kept for this step, nothing to read
+            out[g.start : g.stop] = 0
+            continue
         native.attend_step(qkv[g.start : g.stop], cache.keys[layer][gi], cache.values[layer][gi],
                            cache.key_scales[layer][gi], cache.value_scales[layer][gi], slot, m.hidden,
                            out[g.start : g.stop])

@@ -1,7 +1,8 @@
 """Native CPU kernels for a decoding step: a bf16 product of a few rows, an int8 product with
 8-bit activations, one query's attention over an int8 KV cache, and a block's attention and
 feed-forward halves in one call each (decode_kernels.c; why, in its header and in
-benchmarks/README.md, "Native decode kernels" and "Fused decode blocks").
+benchmarks/README.md, "Native decode kernels" and "Native int8 products and fused decode
+blocks").
 
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) into the
 stage-stack home (`native/decode_kernels-<hash>.so`, the hash covering the source, the compiler

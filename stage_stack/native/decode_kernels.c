@@ -8,9 +8,9 @@
  * the small ops around them (the cache's quantized store, the row scaling around fbgemm's int8
  * product, GELU) are one call each instead of several torch ops. The int8 product with 8-bit
  * activations reads a plain int8 matrix, so a block's two halves (LayerNorm, products, attention,
- * residual) can each be one call too (stage_attention_half, stage_ffn_half; "Fused decode
- * blocks" in benchmarks/README.md): the Python and torch ops around the kernels were a sixth of
- * a MusicGen-small step and most of a demo expert's.
+ * residual) can each be one call too (stage_attention_half, stage_ffn_half; "Native int8
+ * products and fused decode blocks" in benchmarks/README.md): the Python and torch ops around
+ * the kernels were a sixth of a MusicGen-small step and most of a demo expert's.
  *
  * Built by the loader with the system C compiler (-O3 -fopenmp), once per machine, and chosen per
  * machine by a probe (stage_stack.machine). No torch headers: tensors arrive as pointers and
@@ -194,7 +194,8 @@ LINEAR_BF16(4)
  * quantizes (once per call there, once per row here): xs = (max - min) / 255, xq in [0, 255].
  * Asymmetric, not +-127: the input of fc2 is a GELU's output, nearly all >= -0.17, and a
  * symmetric range spent half its levels on values that do not occur (top-1 agreement with fp32
- * 0.948 against 0.964 for fbgemm's, benchmarks/README.md, "Fused decode blocks").
+ * 0.948 against 0.964 for fbgemm's; benchmarks/README.md, "Native int8 products and fused decode
+ * blocks").
  * vpdpbusd multiplies unsigned by signed bytes, and the zero point comes back out through
  * xz[m] * wsum[n], wsum[n] = sum_k w[n][k] computed once per matrix.
  * levels = 2 adds a second 8-bit level for what the first leaves, (x - x1) to +-127 with a scale
