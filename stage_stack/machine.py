@@ -356,7 +356,7 @@ def _probe_int8(gen: torch.Generator, x: torch.Tensor) -> dict:
     where they run here, fbgemm's and stage_stack.native's with 8-bit activations (models.quant);
     each with its own row scaling, as Int8Linear calls it."""
     from . import native
-    from .models.quant import dynamic_int8_available, linear_dynamic, pack_dynamic
+    from .models.quant import dynamic_int8_available, linear_dynamic_rows, pack_dynamic
 
     qs = [torch.randint(-127, 128, (4096, 1024), dtype=torch.int8, generator=gen) for _ in range(PROBE_INT8_MATRICES)]
     scale = torch.full((4096,), 1e-3)
@@ -371,16 +371,8 @@ def _probe_int8(gen: torch.Generator, x: torch.Tensor) -> dict:
     if dynamic_int8_available():
         try:
             packed = [pack_dynamic(qs.pop(), scale) for _ in range(len(qs))]
-
-            def dynamic() -> None:  # with the row scaling around it, as Int8Linear runs it
-                for p in packed:
-                    if native.load().library is not None:
-                        unit, peak = native.rows_to_unit(xb)
-                        native.rows_scale(linear_dynamic(unit, p), peak, torch.bfloat16)
-                    else:
-                        peak = x.abs().amax(dim=1, keepdim=True)
-                        linear_dynamic(x / peak, p).mul_(peak).to(torch.bfloat16)
-            ms["int8_dynamic"] = _time_ms(dynamic, repeats=4) / len(packed)
+            ms["int8_dynamic"] = _time_ms(lambda: [linear_dynamic_rows(xb, p, torch.bfloat16) for p in packed],
+                                          repeats=4) / len(packed)
         except RuntimeError:
             pass  # listed but not usable here: the weight-only kernel
     return ms

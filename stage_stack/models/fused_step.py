@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import native
-from .stage_lm import KVCache, Linear, _kernels, _native_bf16_linear, _needs_autograd
+from .stage_lm import KVCache, Linear, _native_bf16_linear, _native_int8_kv, native_int8_attention
 
 _c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -132,9 +132,7 @@ class StepPlan:
         groups, self._keep = [], [self.valid]
         for gi, (g, m) in enumerate(zip(cache.groups, masks)):
             steps = cache.keys[0][gi].shape[2]
-            hidden = m.hidden.reshape(g.stop - g.start, -1)
-            if hidden.stride(1) != 1 or hidden.dtype is not torch.bool:
-                hidden = hidden.to(torch.bool).contiguous()
+            hidden = native.hidden_rows(m.hidden)
             self._keep.append(hidden)
             T = hidden.shape[1]
             slot = cache.decode_slot(gi)
@@ -167,21 +165,15 @@ def fusable(lm: nn.Module) -> bool:
     bf16 activations on the CPU, every block with a plan, the native int8-cache attention chosen
     (generation.default_kv_dtype gives such a model an int8 cache, small models included)."""
     p = lm.final_norm.weight
-    return (getattr(lm, "fused_decode", True) and p.device.type == "cpu" and p.dtype is torch.bfloat16
-            and _kernels().decode_attention_int8 == "native" and native.load().avx512
-            and lm.config.head_dim % 16 == 0 and lm.config.head_dim <= 256
-            and all(block_plan(b) is not None for b in lm.blocks))
+    return (lm.fused_decode and p.device.type == "cpu" and p.dtype is torch.bfloat16
+            and native_int8_attention(lm.config.head_dim) and all(block_plan(b) is not None for b in lm.blocks))
 
 
 def step_plan(lm: nn.Module, x: torch.Tensor, cache: KVCache | None, masks, query_valid: torch.Tensor) -> StepPlan | None:
-    """A StepPlan where this forward is a decode step the fused halves take; else None."""
-    if (not getattr(lm, "fused_decode", True) or cache is None or not cache.quantized or x.shape[1] != 1 or not 1 <= x.shape[0] <= native.LINEAR_MAX_ROWS
-            or x.dtype is not torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous()
-            or cache.groups[-1].stop != x.shape[0] or _kernels().decode_attention_int8 != "native"):
-        return None
-    built = native.load()
-    head_dim = lm.config.head_dim
-    if (not built.avx512 or head_dim % 16 or head_dim > 256 or _needs_autograd(x)
-            or torch.compiler.is_compiling()):
+    """A StepPlan where this forward is a decode step the fused halves take (one query step of 1-4
+    bf16 rows whose attention runs natively over an int8 cache); else None."""
+    if (not lm.fused_decode or cache is None or x.shape[1] != 1
+            or not 1 <= x.shape[0] <= native.LINEAR_MAX_ROWS or x.dtype is not torch.bfloat16
+            or not _native_int8_kv(x, cache)):
         return None
     return StepPlan(x, cache, masks, query_valid, lm.config.n_heads)

@@ -76,6 +76,26 @@ def _native_rows() -> bool:
     return native.load().library is not None
 
 
+# Up to this many rows (a decode step) the row scaling around fbgemm's product runs in
+# stage_stack.native where it is built: the same values in 3 calls instead of 8 torch ops.
+NATIVE_ROWS = 4
+
+
+def linear_dynamic_rows(flat: torch.Tensor, packed, dtype: torch.dtype) -> torch.Tensor:
+    """fbgemm's product of rows `flat` [M, K] with one 8-bit scale per row, in `dtype`.
+
+    fbgemm quantizes its input with one scale per call. Scaling each row to a peak of 1 first (and
+    the product back) makes that one scale per row: over a ~1000-row prefill the relative error
+    fell from 7 % to 2.9 % (2.9 % on 2 rows; weight-only: 0.8 %). Prefills run here too: unpacking
+    the matrix for a bf16 GEMM cost 40 ms per matrix."""
+    if flat.shape[0] <= NATIVE_ROWS and _native_rows():  # a decode step: 3 calls instead of 8
+        unit, peak = native.rows_to_unit(flat)
+        return native.rows_scale(linear_dynamic(unit, packed), peak, dtype)
+    flat = flat.float()
+    peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+    return linear_dynamic((flat / peak).contiguous(), packed).mul_(peak).to(dtype)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T with int8 q [out, in] and a scale per output channel.
 
@@ -167,10 +187,6 @@ class Int8Linear(nn.Module):
         if self._packed is not None:
             destination[prefix + "weight"] = self.int8_weight()
 
-    # Up to this many rows (a decode step) the row scaling around fbgemm's product runs in
-    # stage_stack.native where it is built: the same values in 3 calls instead of 8 torch ops.
-    NATIVE_ROWS = 4
-
     # Above this many rows (a prefill) a dequantized bf16 GEMM is ~2x faster than the weight-only
     # kernel, which is built for the few rows of a decode step; the temporary is one matrix.
     GEMM_ROWS = 64
@@ -182,17 +198,7 @@ class Int8Linear(nn.Module):
         if operands is not None:  # one call: the rows' 8-bit quantization, the product and the scales
             y = native.linear_int8(flat, self.weight, *operands, dtype, self.native_levels)
         elif self._packed is not None:
-            # fbgemm quantizes its input with one scale per call. Scaling each row to a peak of 1
-            # first (and the product back) makes that one scale per row: over a ~1000-row prefill
-            # the relative error fell from 7 % to 2.9 % (2.9 % on 2 rows; weight-only: 0.8 %).
-            # Prefills run here too: unpacking the matrix for a bf16 GEMM cost 40 ms per matrix.
-            if flat.shape[0] <= self.NATIVE_ROWS and _native_rows():  # a decode step: 3 calls instead of 8
-                unit, peak = native.rows_to_unit(flat)
-                y = native.rows_scale(linear_dynamic(unit, self._packed), peak, dtype)
-            else:
-                flat = flat.float()
-                peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
-                y = linear_dynamic((flat / peak).contiguous(), self._packed).mul_(peak).to(dtype)
+            y = linear_dynamic_rows(flat, self._packed, dtype)
         elif flat.shape[0] > self.GEMM_ROWS:
             # The scales are per output channel, so they apply to the product: one bf16 copy of q
             # (exact: |q| <= 127) instead of two temporaries, which left ~50-100 MB of freed heap

@@ -312,15 +312,21 @@ def quantized_attention(q: torch.Tensor, kv: QuantizedKV, blocked: torch.Tensor 
                             key_scale=kv.key_scale, value_scale=kv.value_scale).to(q.dtype)
 
 
-def _native_int8_kv(qkv: torch.Tensor, cache: KVCache) -> bool:
-    """Whether one decode step's attention runs in stage_stack.native's kernel: on the CPU, over an
-    int8 cache as wide as the batch, where this machine chose it and the kernel takes the shapes."""
-    if not cache.quantized or qkv.device.type != "cpu" or _kernels().decode_attention_int8 != "native":
-        return False
-    head_dim = cache.keys[0][0].shape[-1]
-    return (native.load().avx512 and qkv.dtype in (torch.float32, torch.bfloat16) and qkv.is_contiguous()
-            and head_dim % 16 == 0 and head_dim <= 256 and cache.groups[-1].stop == qkv.shape[0]
-            and not _needs_autograd(qkv) and not torch.compiler.is_compiling())
+def native_int8_attention(head_dim: int) -> bool:
+    """Whether this machine runs one query's attention over an int8 cache in stage_stack.native's
+    kernel (its choice, and a build that can) for heads of `head_dim` (a multiple of 16, <= 256)."""
+    return (_kernels().decode_attention_int8 == "native" and head_dim % 16 == 0 and head_dim <= 256
+            and native.load().avx512)
+
+
+def _native_int8_kv(x: torch.Tensor, cache: KVCache) -> bool:
+    """Whether one decode step's attention over `cache` runs natively for rows `x` (the step's qkv,
+    or the block input of a fused step): contiguous float32 or bf16 CPU rows as many as the cache's,
+    an int8 cache, outside autograd and torch.compile."""
+    return (cache.quantized and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous() and cache.groups[-1].stop == x.shape[0]
+            and native_int8_attention(cache.keys[0][0].shape[-1])
+            and not _needs_autograd(x) and not torch.compiler.is_compiling())
 
 
 def _native_decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, masks) -> torch.Tensor:

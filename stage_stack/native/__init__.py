@@ -275,13 +275,20 @@ def attend_step(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key
             or hidden.shape != (R, 1, 1, T)):
         raise ValueError(f"attend_step: unsupported shapes (qkv {tuple(qkv.shape)} {qkv.dtype}, keys "
                          f"{tuple(keys.shape)}, slot {slot}, hidden {tuple(hidden.shape)}, out {tuple(out.shape)})")
-    hide = hidden.reshape(R, T)  # a view: a group's mask is a slice of the forward's, rows apart by its width
-    if hide.stride(1) != 1 or hide.dtype != torch.bool:
-        hide = hide.to(torch.bool).contiguous()
+    hide = hidden_rows(hidden)
     lib.stage_attend_step(qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), qkv.stride(0), keys.data_ptr(),
                           values.data_ptr(), key_scales.data_ptr(), value_scales.data_ptr(), steps, slot, T,
                           hide.data_ptr(), hide.stride(0), out.data_ptr(), out.stride(0), R, H, D,
                           torch.get_num_threads())
+
+
+def hidden_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """A row group's key mask [R, 1, 1, T] as the [R, T] bytes the C side reads (1 hides a key): a
+    view where it can be (a group's mask is a slice of the forward's, rows apart by its width)."""
+    hide = hidden.reshape(hidden.shape[0], hidden.shape[-1])
+    if hide.stride(1) != 1 or hide.dtype != torch.bool:
+        hide = hide.to(torch.bool).contiguous()
+    return hide
 
 
 def rows_to_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,37 +31,21 @@
 
 int stage_abi_version(void) { return 2; }
 
-/* 1 when this CPU can run stage_linear_bf16 / stage_attend_int8 (checked at run time: the
- * library is built for any x86-64 and each kernel carries its own target attributes). */
-int stage_has_linear_bf16(void) {
+/* What this CPU can run (checked at run time: the library is built for any x86-64 and each kernel
+ * carries its own target attributes). AVX512F + BW: the int8-cache attention, GELU, the int8
+ * quantizing helpers; with BF16: stage_linear_bf16; with VNNI: stage_linear_int8. */
 #if STAGE_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512bf16");
-#else
-    return 0;
-#endif
-}
-
-/* 1 when this CPU can run stage_linear_int8 (int8 dot products, AVX512-VNNI). */
-int stage_has_int8_vnni(void) {
-#if STAGE_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
-#endif
-}
-
 int stage_has_avx512(void) {
-#if STAGE_X86
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-#else
-    return 0;
-#endif
 }
+int stage_has_linear_bf16(void) { return stage_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+int stage_has_int8_vnni(void) { return stage_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+#else
+int stage_has_avx512(void) { return 0; }
+int stage_has_linear_bf16(void) { return 0; }
+int stage_has_int8_vnni(void) { return 0; }
+#endif
 
 /* -- portable helpers ------------------------------------------------------------------------- */
 
@@ -205,6 +189,11 @@ LINEAR_BF16(4)
  * the demo experts' top-1 agreement with fp32 fell from 0.94-0.98 to 0.93-0.97 with one level.
  * The levels are "virtual rows" (level l of row m is row 2 m + l), summed in the epilogue. */
 
+/* The lanes of a block of 16 that hold one of the `left` values still to go (0..16 of them). */
+static inline __mmask16 first_lanes(int64_t left) {
+    return left <= 0 ? (__mmask16)0 : left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
 /* 16 values of a float32 or bf16 row from `at` (masked to `mask`; the rest read as 0) */
 __attribute__((target("avx512f,avx512bw")))
 static inline __m512 load16(const void *x, int x_bf16, int64_t at, __mmask16 mask) {
@@ -227,8 +216,7 @@ static void quantize_rows_u8(const void *x, int x_bf16, int64_t x_rs, int64_t M,
     for (int64_t m = 0; m < M; m++) {
         __m512 lo = zero, hi = zero;
         for (int64_t k = 0; k < K; k += 16) {
-            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-            const __m512 v = load16(x, x_bf16, m * x_rs + k, mask);  /* masked lanes read 0: inside the range */
+            const __m512 v = load16(x, x_bf16, m * x_rs + k, first_lanes(K - k));  /* masked lanes read 0: inside the range */
             lo = _mm512_min_ps(lo, v);
             hi = _mm512_max_ps(hi, v);
         }
@@ -243,8 +231,7 @@ static void quantize_rows_u8(const void *x, int x_bf16, int64_t x_rs, int64_t M,
         const __m512 sv = _mm512_set1_ps(s);
         uint8_t *o = xq + row * Kp;
         for (int64_t k = 0; k < Kp; k += 16) {
-            const __mmask16 mask = k >= K ? 0 : (K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1));
-            const __m512 v = load16(x, x_bf16, m * x_rs + k, mask);
+            const __m512 v = load16(x, x_bf16, m * x_rs + k, first_lanes(K - k));
             const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             const __m512 u = _mm512_min_ps(top, _mm512_max_ps(zero, _mm512_add_ps(q, zv)));
             _mm_storeu_si128((__m128i *)(o + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(u)));
@@ -547,7 +534,7 @@ static void attend_int8(const void *q, int q_bf16, int64_t q_rs, const int8_t *k
                     sum = _mm512_add_ps(sum, e);
                 }
                 if (t < T) {
-                    __mmask16 m = (__mmask16)((1u << (T - t)) - 1);
+                    const __mmask16 m = first_lanes(T - t);
                     __m512 e = _mm512_maskz_mov_ps(m, exp_le0(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t), topv)));
                     _mm512_mask_storeu_ps(p + t, m, e);
                     sum = _mm512_add_ps(sum, e);
